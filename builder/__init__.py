@@ -1,0 +1,1 @@
+"""fledge: builds reproducible initramfs images from a fledge.toml."""

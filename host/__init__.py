@@ -1,0 +1,1 @@
+"""volar: the host side. Installs plugins, launches VMs, listens to kestrel."""

@@ -1,0 +1,46 @@
+"""Facts about the image and the kernel directory that guest, builder and host share.
+
+The builder writes these paths, the shim and kestrel read them in the guest,
+and the host's kernel command fills the kernel directory fledge packs from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# In the image.
+AGENT_PATH = "/bin/kestrel"  # what the shim execs
+INIT_PATH = "/init"  # what the kernel runs from an initramfs
+# One module path per line, relative to /lib/modules/<release>/, in load order.
+MODULES_LOAD_LIST = "/etc/kestrel/modules.load"
+# The virtio-serial port name of the agent channel under QEMU.
+SERIAL_PORT_NAME = "org.kestrel.agent.0"
+# vsock port kestrel connects to on the host (CID 2) by default.
+VSOCK_PORT = 9000
+
+# Modules the default image loads (dependencies are resolved by fledge).
+DEFAULT_MODULES = (
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_net",
+    "virtio_rng",
+    "virtio_blk",
+    "vmw_vsock_virtio_transport",
+)
+
+
+def kernel_dir() -> Path:
+    """Where ``volar kernel fetch`` puts kernels and fledge finds their modules.
+
+    Layout: ``<dir>/current`` -> ``<release>/`` holding ``vmlinux`` (PVH,
+    uncompressed), ``vmlinuz`` (the package's bzImage), ``modules/`` (the
+    package's ``lib/modules/<release>`` tree) and ``release`` (the text).
+    Override with KESTREL_KERNEL_DIR.
+    """
+    env = os.environ.get("KESTREL_KERNEL_DIR")
+    if env:
+        return Path(env)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "kestrel" / "kernel"

@@ -1,0 +1,266 @@
+"""The Volant plugin manifest: dataclasses and validation.
+
+Shared by the guest (kestrel reads it from the command line), the builder
+(fledge writes initramfs.url/checksum) and the host (volar installs it).
+Every error names the field, e.g. ``workload.entrypoint: must be a
+non-empty list of strings``. kestrel's own extensions live under
+``workload.restart``, ``workload.stop_grace_ms`` and ``health_check.*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+WORKLOAD_TYPES = ("http", "exec", "grpc")
+RESTART_POLICIES = ("never", "on-failure", "always")
+
+
+class ManifestError(ValueError):
+    """An invalid manifest; ``field`` is the dotted path of the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"manifest: {field}: {message}" if field else f"manifest: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Artifact:
+    url: str
+    checksum: str | None = None
+    format: str = "raw"
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu_cores: int = 1
+    memory_mb: int = 512
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """kestrel extension ``workload.restart``: when to respawn, with backoff."""
+
+    policy: str = "on-failure"
+    initial_backoff_ms: int = 500
+    max_backoff_ms: int = 30_000
+    max_restarts: int | None = None
+    # A run this long counts as a success: the backoff starts over.
+    reset_after_ms: int = 10_000
+
+    def backoff_ms(self, attempt: int) -> int:
+        """Delay before restart number ``attempt`` (1-based): doubling, capped."""
+        return min(self.max_backoff_ms, self.initial_backoff_ms * 2 ** max(0, attempt - 1))
+
+
+@dataclass(frozen=True)
+class Workload:
+    type: str
+    entrypoint: tuple[str, ...]
+    base_url: str | None = None
+    workdir: str = "/"
+    env: dict[str, str] = field(default_factory=dict)
+    restart: RestartPolicy = RestartPolicy()
+    stop_grace_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    endpoint: str = "/"
+    timeout_ms: int = 10_000
+    interval_ms: int = 1_000
+    # Consecutive failures before a healthy workload is reported unhealthy.
+    failure_threshold: int = 3
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    runtime: str
+    enabled: bool = True
+    initramfs: Artifact | None = None
+    rootfs: Artifact | None = None
+    resources: Resources = Resources()
+    workload: Workload | None = None
+    health_check: HealthCheck | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+# --- field readers: each names its path in the error -----------------------
+
+
+def _obj(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestError(path, f"must be an object, not {type(value).__name__}")
+    return value
+
+
+def _str(d: dict[str, Any], key: str, path: str, *, required: bool = False) -> str | None:
+    v = d.get(key)
+    if v is None:
+        if required:
+            raise ManifestError(f"{path}{key}", "is required")
+        return None
+    if not isinstance(v, str):
+        raise ManifestError(f"{path}{key}", f"must be a string, not {type(v).__name__}")
+    if required and not v.strip():
+        raise ManifestError(f"{path}{key}", "must not be empty")
+    return v.strip() if required else v
+
+
+def _int(d: dict[str, Any], key: str, path: str, default: int, *, minimum: int = 1) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ManifestError(f"{path}{key}", f"must be an integer, not {type(v).__name__}")
+    if v < minimum:
+        raise ManifestError(f"{path}{key}", f"must be >= {minimum}, got {v}")
+    return v
+
+
+def normalize_checksum(checksum: str, *, field: str = "checksum") -> str:
+    """Return the lowercase hex of ``sha256:<hex>`` or bare hex (>= 32 chars)."""
+    value = checksum.strip()
+    if value.lower().startswith("sha256:"):
+        value = value[7:]
+    value = value.lower()
+    if len(value) < 32 or any(c not in "0123456789abcdef" for c in value):
+        raise ManifestError(field, f"{checksum!r} is not sha256:<hex> or hex")
+    return value
+
+
+def _artifact(value: Any, path: str) -> Artifact:
+    d = _obj(value, path)
+    url = _str(d, "url", f"{path}.", required=True)
+    assert url is not None
+    checksum = _str(d, "checksum", f"{path}.")
+    if checksum:
+        normalize_checksum(checksum, field=f"{path}.checksum")
+    fmt = _str(d, "format", f"{path}.") or "raw"
+    return Artifact(url=url, checksum=checksum or None, format=fmt)
+
+
+def _restart(value: Any, wtype: str) -> RestartPolicy:
+    default = "never" if wtype == "exec" else "on-failure"
+    if value is None:
+        return RestartPolicy(policy=default)
+    path = "workload.restart"
+    if isinstance(value, str):
+        value = {"policy": value}
+    d = _obj(value, path)
+    policy = _str(d, "policy", f"{path}.") or default
+    if policy not in RESTART_POLICIES:
+        raise ManifestError(f"{path}.policy", f"{policy!r}: expected one of {RESTART_POLICIES}")
+    initial = _int(d, "initial_backoff_ms", f"{path}.", 500)
+    maximum = _int(d, "max_backoff_ms", f"{path}.", max(30_000, initial))
+    if maximum < initial:
+        raise ManifestError(f"{path}.max_backoff_ms", "must be >= initial_backoff_ms")
+    max_restarts = d.get("max_restarts")
+    if max_restarts is not None:
+        max_restarts = _int(d, "max_restarts", f"{path}.", 0, minimum=0)
+    reset = _int(d, "reset_after_ms", f"{path}.", 10_000)
+    return RestartPolicy(policy, initial, maximum, max_restarts, reset)
+
+
+def _workload(value: Any) -> Workload:
+    d = _obj(value, "workload")
+    wtype = _str(d, "type", "workload.") or "http"
+    if wtype not in WORKLOAD_TYPES:
+        raise ManifestError("workload.type", f"{wtype!r}: expected one of {WORKLOAD_TYPES}")
+    ep = d.get("entrypoint")
+    if (
+        not isinstance(ep, list)
+        or not ep
+        or not all(isinstance(a, str) for a in ep)
+        or not ep[0].strip()
+    ):
+        raise ManifestError("workload.entrypoint", "must be a non-empty list of strings")
+    if any("\0" in a for a in ep):
+        raise ManifestError("workload.entrypoint", "must not contain NUL bytes")
+    base_url = _str(d, "base_url", "workload.")
+    if wtype == "http" and not base_url:
+        raise ManifestError("workload.base_url", "is required for an http workload")
+    if base_url and not base_url.startswith("http://"):
+        raise ManifestError("workload.base_url", f"{base_url!r}: only http:// is supported")
+    workdir = _str(d, "workdir", "workload.") or "/"
+    if not workdir.startswith("/"):
+        raise ManifestError("workload.workdir", f"{workdir!r} must be an absolute path")
+    env_raw = d.get("env") or {}
+    env = _obj(env_raw, "workload.env")
+    for k, v in env.items():
+        if not isinstance(v, str):
+            raise ManifestError(f"workload.env.{k}", "must be a string")
+        if not k or "=" in k or "\0" in k + v:
+            raise ManifestError(f"workload.env.{k}", "is not a valid environment variable")
+    grace = _int(d, "stop_grace_ms", "workload.", 10_000, minimum=0)
+    return Workload(
+        type=wtype,
+        entrypoint=tuple(ep),
+        base_url=base_url.rstrip("/") if base_url else None,
+        workdir=workdir,
+        env=dict(env),
+        restart=_restart(d.get("restart"), wtype),
+        stop_grace_ms=grace,
+    )
+
+
+def _health(value: Any) -> HealthCheck:
+    d = _obj(value, "health_check")
+    endpoint = _str(d, "endpoint", "health_check.") or "/"
+    if not endpoint.startswith("/"):
+        raise ManifestError("health_check.endpoint", f"{endpoint!r} must start with '/'")
+    if any(c.isspace() or ord(c) < 32 for c in endpoint):
+        raise ManifestError("health_check.endpoint", "must not contain whitespace")
+    return HealthCheck(
+        endpoint=endpoint,
+        timeout_ms=_int(d, "timeout_ms", "health_check.", 10_000),
+        interval_ms=_int(d, "interval_ms", "health_check.", 1_000),
+        failure_threshold=_int(d, "failure_threshold", "health_check.", 3),
+    )
+
+
+def parse_manifest(obj: Any) -> Manifest:
+    """Validate a decoded JSON document and return the Manifest."""
+    d = _obj(obj, "(top level)")
+    name = _str(d, "name", "", required=True)
+    version = _str(d, "version", "", required=True)
+    assert name is not None and version is not None
+    runtime = _str(d, "runtime", "") or name
+    enabled = d.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ManifestError("enabled", "must be true or false")
+    initramfs = _artifact(d["initramfs"], "initramfs") if d.get("initramfs") is not None else None
+    rootfs = _artifact(d["rootfs"], "rootfs") if d.get("rootfs") is not None else None
+    if initramfs is None and rootfs is None:
+        raise ManifestError("initramfs", "one of initramfs or rootfs is required")
+    res = _obj(d.get("resources") or {}, "resources")
+    resources = Resources(
+        cpu_cores=_int(res, "cpu_cores", "resources.", 1),
+        memory_mb=_int(res, "memory_mb", "resources.", 512),
+    )
+    workload = _workload(d["workload"]) if d.get("workload") is not None else None
+    health = _health(d["health_check"]) if d.get("health_check") is not None else None
+    return Manifest(
+        name=name,
+        version=version,
+        runtime=runtime,
+        enabled=enabled,
+        initramfs=initramfs,
+        rootfs=rootfs,
+        resources=resources,
+        workload=workload,
+        health_check=health,
+        raw=d,
+    )
+
+
+def load_manifest(data: bytes | str) -> Manifest:
+    """Parse manifest JSON text; bad JSON is a ManifestError naming the position."""
+    import json
+
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ManifestError("", f"not valid JSON ({exc})") from None
+    return parse_manifest(obj)

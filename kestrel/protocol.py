@@ -1,0 +1,465 @@
+"""kestrel's wire protocol, sans I/O: framing, messages, and both sessions.
+
+A frame is a 4-byte big-endian length and a msgpack map whose "t" names the
+message. The host speaks first on every connection (``attach`` with the last
+sequence number it holds); the guest answers ``hello`` and replays every
+buffered record after that number, then streams live. Records (logs, state,
+health, exit, ...) carry a sequence number, are kept in a bounded replay
+buffer until acknowledged, and a ``dropped`` record accounts for any record
+the bound forced out. Telemetry (hello, metrics, heartbeat, pong) is not
+sequenced: it is only worth anything live.
+
+Like h11, nothing here touches a socket: kestrel and the host feed bytes in
+and write the bytes that come out.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 4 * 1024 * 1024
+# A log record carries at most this much; larger reads are split.
+MAX_LOG_CHUNK = 256 * 1024
+_LEN = struct.Struct(">I")
+
+
+class ProtocolError(ValueError):
+    """The peer sent bytes that are not a valid kestrel frame or message."""
+
+
+@dataclass(slots=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+    SEQUENCED: ClassVar[bool] = False
+
+
+# --- host -> guest ----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Attach(Message):
+    """First frame of every connection: the host holds records up to last_seq."""
+
+    TYPE: ClassVar[str] = "attach"
+    last_seq: int = 0
+    proto: int = PROTOCOL_VERSION
+
+
+@dataclass(slots=True)
+class Ack(Message):
+    TYPE: ClassVar[str] = "ack"
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class Stop(Message):
+    """Stop the workload (TERM, grace, KILL) and power the VM off."""
+
+    TYPE: ClassVar[str] = "stop"
+    grace_s: float = 10.0
+
+
+@dataclass(slots=True)
+class Signal(Message):
+    TYPE: ClassVar[str] = "signal"
+    signum: int = 15
+
+
+@dataclass(slots=True)
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+    id: int = 0
+
+
+# --- guest -> host, telemetry (not sequenced) --------------------------------
+
+
+@dataclass(slots=True)
+class Hello(Message):
+    """Answer to attach. ``timeline`` maps marks to kernel uptime seconds."""
+
+    TYPE: ClassVar[str] = "hello"
+    agent: str = ""
+    boot_id: str = ""
+    timeline: dict[str, float] = field(default_factory=dict)
+    next_seq: int = 1
+    proto: int = PROTOCOL_VERSION
+
+
+@dataclass(slots=True)
+class Metrics(Message):
+    TYPE: ClassVar[str] = "metrics"
+    uptime: float = 0.0
+    workload_rss: int = 0
+    workload_cpu_s: float = 0.0
+    agent_rss: int = 0
+    mem_total: int = 0
+    mem_available: int = 0
+    reaped: int = 0
+
+
+@dataclass(slots=True)
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+    uptime: float = 0.0
+    state: str = ""
+    health: str = ""
+
+
+@dataclass(slots=True)
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    id: int = 0
+
+
+# --- guest -> host, records (sequenced, replayed until acked) ---------------
+
+
+@dataclass(slots=True)
+class Log(Message):
+    TYPE: ClassVar[str] = "log"
+    SEQUENCED: ClassVar[bool] = True
+    stream: str = "stdout"
+    data: bytes = b""
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class State(Message):
+    """Workload lifecycle: starting, running, exited, restarting, stopping, poweroff."""
+
+    TYPE: ClassVar[str] = "state"
+    SEQUENCED: ClassVar[bool] = True
+    state: str = ""
+    detail: str = ""
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class Health(Message):
+    """A health transition: starting -> healthy -> unhealthy -> healthy."""
+
+    TYPE: ClassVar[str] = "health"
+    SEQUENCED: ClassVar[bool] = True
+    status: str = ""
+    detail: str = ""
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class Exit(Message):
+    """The workload ended: raw form (code or signal) and shell form (status)."""
+
+    TYPE: ClassVar[str] = "exit"
+    SEQUENCED: ClassVar[bool] = True
+    pid: int = 0
+    code: int | None = None
+    signal: int | None = None
+    status: int = 0
+    message: str = ""
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class Oom(Message):
+    TYPE: ClassVar[str] = "oom"
+    SEQUENCED: ClassVar[bool] = True
+    pid: int = 0
+    detail: str = ""
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class Timeline(Message):
+    """A boot milestone: kernel uptime in seconds when ``mark`` happened."""
+
+    TYPE: ClassVar[str] = "timeline"
+    SEQUENCED: ClassVar[bool] = True
+    mark: str = ""
+    uptime: float = 0.0
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class Dropped(Message):
+    """Records first_seq..last_seq were lost to the replay bound."""
+
+    TYPE: ClassVar[str] = "dropped"
+    SEQUENCED: ClassVar[bool] = True
+    count: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class Fatal(Message):
+    """kestrel cannot go on (bad manifest, internal error); power-off follows."""
+
+    TYPE: ClassVar[str] = "fatal"
+    SEQUENCED: ClassVar[bool] = True
+    message: str = ""
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class Unknown(Message):
+    """A message type this side does not know (a newer peer); skipped, not fatal."""
+
+    TYPE: ClassVar[str] = "?"
+    type: str = ""
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Attach, Ack, Stop, Signal, Ping, Hello, Metrics, Heartbeat, Pong,
+        Log, State, Health, Exit, Oom, Timeline, Dropped, Fatal,
+    )
+}
+
+# Field name -> accepted Python types, derived once from the dataclasses.
+_TYPE_NAMES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (float, int), "str": (str,), "bytes": (bytes,),
+    "int | None": (int, type(None)), "dict[str, float]": (dict,),
+}
+_SCHEMA: dict[type[Message], dict[str, tuple[type, ...]]] = {
+    cls: {f.name: _TYPE_NAMES[str(f.type)] for f in fields(cls)}
+    for cls in MESSAGE_TYPES.values()
+}
+
+
+def encode(msg: Message) -> bytes:
+    """One frame for ``msg``."""
+    body: dict[str, Any] = {"t": msg.TYPE}
+    for name in _SCHEMA[type(msg)]:
+        body[name] = getattr(msg, name)
+    payload = msgpack.packb(body, use_bin_type=True)
+    if len(payload) > MAX_FRAME:
+        raise ProtocolError(f"{msg.TYPE} frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return _LEN.pack(len(payload)) + payload
+
+
+def _decode_body(payload: bytes) -> Message:
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("t"), str):
+        raise ProtocolError("frame is not a map with a string 't'")
+    kind = body.pop("t")
+    cls = MESSAGE_TYPES.get(kind)
+    if cls is None:
+        return Unknown(type=kind, body=body)
+    schema = _SCHEMA[cls]
+    kwargs: dict[str, Any] = {}
+    for name, value in body.items():
+        accepted = schema.get(name)
+        if accepted is None:
+            continue  # a field added by a newer peer
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ProtocolError(f"{kind}.{name}: unexpected {type(value).__name__}")
+        kwargs[name] = value
+    if "seq" in schema and kwargs.get("seq", 0) < 0:
+        raise ProtocolError(f"{kind}.seq: negative")
+    return cls(**kwargs)
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages; survives arbitrary split points."""
+
+    def __init__(self, *, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet a whole frame."""
+        return len(self._buf)
+
+    def __iter__(self) -> Iterator[Message]:
+        buf = self._buf
+        pos = 0
+        try:
+            while len(buf) - pos >= 4:
+                (n,) = _LEN.unpack_from(buf, pos)
+                if n > self._max:
+                    raise ProtocolError(f"frame length {n} exceeds the limit {self._max}")
+                if len(buf) - pos - 4 < n:
+                    break
+                payload = bytes(buf[pos + 4 : pos + 4 + n])
+                pos += 4 + n
+                yield _decode_body(payload)
+        finally:
+            del buf[:pos]
+
+
+class GuestSession:
+    """kestrel's side: sequence numbers, replay buffer, attach/ack handling."""
+
+    def __init__(
+        self,
+        *,
+        agent: str,
+        boot_id: str,
+        max_buffer_bytes: int = 16 * 1024 * 1024,
+        max_buffer_records: int = 100_000,
+    ) -> None:
+        self.agent = agent
+        self.boot_id = boot_id
+        self.timeline: dict[str, float] = {}
+        self.next_seq = 1
+        self.attached = False
+        self.dropped_total = 0
+        self._max_bytes = max_buffer_bytes
+        self._max_records = max_buffer_records
+        self._buffer: deque[tuple[int, bytes]] = deque()
+        self._buffered_bytes = 0
+        self._decoder = FrameDecoder()
+
+    @property
+    def buffered(self) -> int:
+        """Records kept for replay (sent or not, not yet acknowledged)."""
+        return len(self._buffer)
+
+    def record(self, msg: Message) -> bytes:
+        """Sequence a record and keep it; return its frame to send if attached."""
+        assert msg.SEQUENCED
+        if isinstance(msg, Timeline):
+            self.timeline[msg.mark] = msg.uptime
+        frame = self._keep(msg)
+        return frame if self.attached else b""
+
+    def telemetry(self, msg: Message) -> bytes:
+        """Frame for an unsequenced message; empty when no host is attached."""
+        assert not msg.SEQUENCED
+        return encode(msg) if self.attached else b""
+
+    def _keep(self, msg: Message) -> bytes:
+        msg.seq = self.next_seq  # type: ignore[attr-defined]
+        self.next_seq += 1
+        frame = encode(msg)
+        self._buffer.append((msg.seq, frame))  # type: ignore[attr-defined]
+        self._buffered_bytes += len(frame)
+        # Past the bound the oldest record goes. Whether that loses anything
+        # is only known at the next attach, when the host says what it holds.
+        while self._buffer and (
+            self._buffered_bytes > self._max_bytes or len(self._buffer) > self._max_records
+        ):
+            self._buffered_bytes -= len(self._buffer.popleft()[1])
+        return frame
+
+    def detach(self) -> None:
+        """The transport went away; keep everything unacknowledged."""
+        self.attached = False
+        self._decoder = FrameDecoder()
+
+    def receive(self, data: bytes) -> tuple[list[Message], bytes]:
+        """Feed host bytes: returns (commands for kestrel, bytes to send back).
+
+        ``attach`` is answered here (hello + replay); ``ack`` prunes the
+        buffer; ``ping`` is answered with ``pong``. Stop and Signal are
+        returned for kestrel to act on.
+        """
+        self._decoder.feed(data)
+        commands: list[Message] = []
+        out = bytearray()
+        for msg in self._decoder:
+            if isinstance(msg, Attach):
+                out += self._on_attach(msg)
+                commands.append(msg)
+            elif isinstance(msg, Ack):
+                self._on_ack(msg.seq)
+            elif isinstance(msg, Ping):
+                out += self.telemetry(Pong(id=msg.id))
+            elif isinstance(msg, Stop | Signal):
+                commands.append(msg)
+        return commands, bytes(out)
+
+    def _on_attach(self, msg: Attach) -> bytes:
+        self._on_ack(msg.last_seq)
+        self.attached = True
+        out = bytearray(
+            encode(
+                Hello(
+                    agent=self.agent,
+                    boot_id=self.boot_id,
+                    timeline=dict(self.timeline),
+                    next_seq=self.next_seq,
+                )
+            )
+        )
+        # Records between the host's last one and our oldest kept one were
+        # pushed out by the bound: account for them before replaying.
+        oldest = self._buffer[0][0] if self._buffer else self.next_seq
+        if msg.last_seq + 1 < oldest:
+            first, last = msg.last_seq + 1, oldest - 1
+            self.dropped_total += last - first + 1
+            self._keep(Dropped(count=last - first + 1, first_seq=first, last_seq=last))
+        for _seq, frame in self._buffer:
+            out += frame
+        return bytes(out)
+
+    def _on_ack(self, seq: int) -> None:
+        buf = self._buffer
+        while buf and buf[0][0] <= seq:
+            self._buffered_bytes -= len(buf.popleft()[1])
+
+
+class HostSession:
+    """The host's side: attach, dedupe replays, count gaps, produce acks."""
+
+    def __init__(self, *, last_seq: int = 0) -> None:
+        self.last_seq = last_seq
+        self.lost = 0  # records never received and never accounted for
+        self.duplicates = 0
+        self.hello: Hello | None = None
+        self._acked = last_seq
+        self._decoder = FrameDecoder()
+
+    def attach(self) -> bytes:
+        """The first frame to send on a new connection."""
+        self._decoder = FrameDecoder()
+        return encode(Attach(last_seq=self.last_seq))
+
+    def receive(self, data: bytes) -> list[Message]:
+        """Feed guest bytes; returns new messages (replayed duplicates removed)."""
+        self._decoder.feed(data)
+        out: list[Message] = []
+        for msg in self._decoder:
+            if msg.SEQUENCED:
+                seq: int = msg.seq  # type: ignore[attr-defined]
+                if seq <= self.last_seq:
+                    self.duplicates += 1
+                    continue
+                if seq > self.last_seq + 1:
+                    self.lost += seq - self.last_seq - 1
+                self.last_seq = seq
+                if isinstance(msg, Dropped):
+                    # The guest accounts for these: they are explained, not lost.
+                    self.lost -= min(self.lost, msg.count)
+            elif isinstance(msg, Hello):
+                self.hello = msg
+            out.append(msg)
+        return out
+
+    def ack(self) -> bytes:
+        """An ack frame if anything new arrived since the last one."""
+        if self.last_seq == self._acked:
+            return b""
+        self._acked = self.last_seq
+        return encode(Ack(seq=self.last_seq))
+
+    def command(self, msg: Stop | Signal | Ping) -> bytes:
+        return encode(msg)
