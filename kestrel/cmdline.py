@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import binascii
 import zlib
-from dataclasses import dataclass, field
+
+from kestrel.record import Record
 
 # x86 COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h): the kernel silently
 # truncates anything longer, so a long manifest arrives cut short.
@@ -109,10 +110,10 @@ def decode_env(value: str) -> dict[str, str]:
         raw = binascii.a2b_base64(value.encode("ascii") + b"=" * (-len(value) % 4))
     except (binascii.Error, UnicodeEncodeError) as exc:
         raise CmdlineError(key, f"not valid base64 ({exc})") from None
-    import json  # only when the key is present: json is not free at boot
+    from kestrel.jsonlite import loads
 
     try:
-        obj = json.loads(raw)
+        obj = loads(raw)
     except ValueError as exc:
         raise CmdlineError(key, f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict) or not all(
@@ -122,14 +123,17 @@ def decode_env(value: str) -> dict[str, str]:
     return obj
 
 
-@dataclass(frozen=True)
-class Channel:
+class Channel(Record):
     """Where kestrel streams to the host: vsock port, virtio-serial name or unix path."""
 
+    __slots__ = ("kind", "port", "name", "path")
     kind: str  # "vsock" | "serial" | "unix"
-    port: int = 0
-    name: str = ""
-    path: str = ""
+    port: int
+    name: str
+    path: str
+
+    def __init__(self, kind: str, *, port: int = 0, name: str = "", path: str = "") -> None:
+        self.kind, self.port, self.name, self.path = kind, port, name, path
 
     def __str__(self) -> str:
         if self.kind == "vsock":
@@ -157,15 +161,21 @@ def parse_channel(value: str) -> Channel:
     raise CmdlineError(key, f"{value!r}: unknown channel kind {kind!r}")
 
 
-@dataclass(frozen=True)
-class IpConfig:
+class IpConfig(Record):
     """The kernel's ``ip=<client>::<gw>:<netmask>:<hostname>:<dev>:<autoconf>`` form."""
 
+    __slots__ = ("address", "gateway", "netmask", "hostname", "device")
     address: str
     gateway: str
     netmask: str
     hostname: str
     device: str
+
+    def __init__(
+        self, address: str, gateway: str, netmask: str, hostname: str, device: str
+    ) -> None:
+        self.address, self.gateway, self.netmask = address, gateway, netmask
+        self.hostname, self.device = hostname, device
 
 
 def _valid_ipv4(text: str) -> bool:
@@ -189,24 +199,47 @@ def parse_ip(value: str) -> IpConfig | None:
 BOOT_MODES = ("auto", "initramfs", "rootfs")
 
 
-@dataclass(frozen=True)
-class BootConfig:
+class BootConfig(Record):
     """Everything kestrel takes from the command line, decoded and checked.
 
     The manifest stays as JSON bytes here; turning it into a Manifest is
-    kestrel.manifest's job (and needs json, which this module avoids).
+    kestrel.manifest's job.
     """
 
+    __slots__ = (
+        "manifest_json", "boot", "rootfs_device", "rootfs_fstype", "env", "channel",
+        "ip", "hostname", "stop_grace_s", "stage",
+    )
     manifest_json: bytes | None
-    boot: str = "auto"
-    rootfs_device: str = ""
-    rootfs_fstype: str = "ext4"
-    env: dict[str, str] = field(default_factory=dict)
-    channel: Channel = Channel("vsock", port=DEFAULT_VSOCK_PORT)
-    ip: IpConfig | None = None
-    hostname: str = ""
-    stop_grace_s: float | None = None
-    stage: int = 1
+    boot: str
+    rootfs_device: str
+    rootfs_fstype: str
+    env: dict[str, str]
+    channel: Channel
+    ip: IpConfig | None
+    hostname: str
+    stop_grace_s: float | None
+    stage: int
+
+    def __init__(
+        self,
+        manifest_json: bytes | None,
+        *,
+        boot: str = "auto",
+        rootfs_device: str = "",
+        rootfs_fstype: str = "ext4",
+        env: dict[str, str] | None = None,
+        channel: Channel | None = None,
+        ip: IpConfig | None = None,
+        hostname: str = "",
+        stop_grace_s: float | None = None,
+        stage: int = 1,
+    ) -> None:
+        self.manifest_json = manifest_json
+        self.boot, self.rootfs_device, self.rootfs_fstype = boot, rootfs_device, rootfs_fstype
+        self.env = env or {}
+        self.channel = channel or Channel("vsock", port=DEFAULT_VSOCK_PORT)
+        self.ip, self.hostname, self.stop_grace_s, self.stage = ip, hostname, stop_grace_s, stage
 
 
 def boot_config(text: str) -> BootConfig:
@@ -261,7 +294,11 @@ def build_cmdline(
     extra: dict[str, str] | None = None,
 ) -> str:
     """Build a guest command line; refuse one the kernel would truncate."""
-    words = [base, f"volant.manifest={encode_manifest(manifest_json)}", f"kestrel.channel={channel}"]
+    words = [
+        base,
+        f"volant.manifest={encode_manifest(manifest_json)}",
+        f"kestrel.channel={channel}",
+    ]
     for k, v in (extra or {}).items():
         if any(c.isspace() for c in k + v):
             raise CmdlineError(k, "command line values cannot contain whitespace")

@@ -242,7 +242,7 @@ def encode(msg: Message) -> bytes:
     body: dict[str, Any] = {"t": msg.TYPE}
     for name in _SCHEMA[type(msg)]:
         body[name] = getattr(msg, name)
-    payload = msgpack.packb(body, use_bin_type=True)
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
     if len(payload) > MAX_FRAME:
         raise ProtocolError(f"{msg.TYPE} frame of {len(payload)} bytes exceeds {MAX_FRAME}")
     return _LEN.pack(len(payload)) + payload
