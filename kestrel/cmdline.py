@@ -149,7 +149,7 @@ def parse_channel(value: str) -> Channel:
     if not sep or not arg:
         raise CmdlineError(key, f"{value!r}: expected vsock:PORT, serial:NAME or unix:PATH")
     if kind == "vsock":
-        if not arg.isdigit() or not 0 < int(arg) < 2**32:
+        if not (arg.isascii() and arg.isdigit()) or not 0 < int(arg) < 2**32:
             raise CmdlineError(key, f"{value!r}: vsock port must be 1..4294967295")
         return Channel("vsock", port=int(arg))
     if kind == "serial":
@@ -180,7 +180,7 @@ class IpConfig(Record):
 
 def _valid_ipv4(text: str) -> bool:
     parts = text.split(".")
-    return len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)
+    return len(parts) == 4 and all(p.isascii() and p.isdigit() and int(p) < 256 for p in parts)
 
 
 def parse_ip(value: str) -> IpConfig | None:
