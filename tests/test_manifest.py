@@ -153,7 +153,12 @@ def test_base_url_trailing_slash_is_dropped() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(HEX, HEX), ("sha256:" + HEX.upper(), HEX), (" SHA256:" + HEX + " ", HEX), ("a" * 32, "a" * 32)],
+    [
+        (HEX, HEX),
+        ("sha256:" + HEX.upper(), HEX),
+        (" SHA256:" + HEX + " ", HEX),
+        ("a" * 32, "a" * 32),
+    ],
 )
 def test_checksums_normalize_to_lowercase_hex(value: str, expected: str) -> None:
     assert normalize_checksum(value) == expected
