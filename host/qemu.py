@@ -1,0 +1,247 @@
+"""The QEMU driver: LaunchSpec -> qemu-system-x86_64 command, start, agent stream, stop.
+
+TCG by default (this machine's /dev/kvm is PVM-only); the guest boots the
+PVH vmlinux directly, talks to the host over a virtio-serial port backed by
+a unix socket, and reaches the host only through user networking with
+``restrict=on`` and a 127.0.0.1 port forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from host.qmp import QmpClient, QmpError
+from host.vmm import LaunchSpec, Running, VmmError
+from kestrel.cmdline import Channel, parse_cmdline
+from kestrel.layout import SERIAL_PORT_NAME
+
+MACHINES = ("microvm", "q35")
+# user networking's fixed addresses (QEMU docs, "Using the user mode network stack").
+GUEST_IP = "10.0.2.15"
+GATEWAY_IP = "10.0.2.2"
+NETMASK = "255.255.255.0"
+
+
+def host_tsc_khz() -> int | None:
+    """The host TSC rate: TCG's guest TSC runs on the host's, so this skips calibration.
+
+    microvm has no reliable PIT under TCG: the kernel's calibration fails now
+    and then and boot hangs; ``tsc_early_khz`` sidesteps it (measured-here.md).
+    """
+    try:
+        log = subprocess.run(
+            ["dmesg"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        log = ""
+    # "Refined TSC clocksource calibration" wins over the first "Detected".
+    found = re.findall(r"tsc: (?:Refined TSC clocksource calibration|Detected): ?([\d.]+) MHz", log)
+    if found:
+        return round(float(found[-1]) * 1000)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
+    return round(float(match.group(1)) * 1000) if match else None
+
+
+def _hostname(name: str) -> str:
+    label = re.sub(r"[^A-Za-z0-9-]", "-", name).strip("-")[:63]
+    return label or "kestrel"
+
+
+@dataclass
+class QemuDriver:
+    """Launches one VM per start(); stateless between calls except the binary choice."""
+
+    name: str = "qemu"
+    binary: str = "qemu-system-x86_64"
+    machine: str = field(default_factory=lambda: os.environ.get("KESTREL_QEMU_MACHINE", "microvm"))
+    # KVM here is PVM-only and cannot boot a Debian kernel; opt in explicitly.
+    accel: str = field(default_factory=lambda: os.environ.get("KESTREL_QEMU_ACCEL", "tcg"))
+    tsc_khz: int | None = None
+    connect_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.machine not in MACHINES:
+            raise VmmError(f"QEMU machine {self.machine!r}: expected one of {', '.join(MACHINES)}")
+        if self.machine == "microvm" and self.tsc_khz is None:
+            self.tsc_khz = host_tsc_khz()
+
+    def agent_channel(self) -> Channel:
+        return Channel("serial", name=SERIAL_PORT_NAME)
+
+    # --- command line ---------------------------------------------------------
+
+    def guest_cmdline(self, spec: LaunchSpec) -> str:
+        """spec.cmdline plus what this driver's devices need, unless already given."""
+        words = spec.cmdline.split()
+        given = parse_cmdline(spec.cmdline)
+        if "console" not in given:
+            words.append("console=ttyS0")
+        if "panic" not in given:
+            words.append("panic=-1")  # with -no-reboot a panic ends QEMU
+        if "kestrel.channel" not in given:
+            words.append(f"kestrel.channel={self.agent_channel()}")
+        if "ip" not in given:
+            host = _hostname(spec.name)
+            words.append(f"ip={GUEST_IP}::{GATEWAY_IP}:{NETMASK}:{host}:eth0:off")
+        if self.machine == "microvm" and self.tsc_khz and "tsc_early_khz" not in given:
+            words.append(f"tsc_early_khz={self.tsc_khz}")
+        return " ".join(words)
+
+    def _dev(self, kind: str) -> str:
+        # microvm has no PCI: its virtio devices sit on virtio-mmio.
+        return f"virtio-{kind}-device" if self.machine == "microvm" else f"virtio-{kind}-pci"
+
+    def command(self, spec: LaunchSpec) -> list[str]:
+        run = spec.run_dir
+        # microvm keeps rtc on: without it the guest spends ~2 s more (measured-here.md).
+        machine = "microvm,rtc=on,isa-serial=on" if self.machine == "microvm" else "q35"
+        netdev = "user,id=n0,restrict=on"
+        if spec.guest_port is not None:
+            netdev += f",hostfwd=tcp:127.0.0.1:{spec.host_port}-:{spec.guest_port}"
+        net = f"{self._dev('net')},netdev=n0"
+        if self.machine != "microvm":
+            net += ",romfile="  # no iPXE option ROM: nothing boots from the network
+        cmd = [
+            self.binary,
+            "-accel", self.accel,
+            "-M", machine,
+            "-m", f"{spec.memory_mb}M",
+            "-smp", str(spec.cpus),
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-kernel", str(spec.kernel),
+            "-initrd", str(spec.initramfs),
+            "-append", self.guest_cmdline(spec),
+            # A file never fills up, so the guest can never block on its console.
+            "-chardev", f"file,id=con0,path={run / 'console.log'}",
+            "-serial", "chardev:con0",
+            "-chardev", f"socket,id=agent0,path={run / 'agent.sock'},server=on,wait=off",
+            "-device", self._dev("serial"),
+            "-device", f"virtserialport,chardev=agent0,name={SERIAL_PORT_NAME}",
+            "-netdev", netdev,
+            "-device", net,
+            "-device", self._dev("rng"),  # entropy early, no blocking getrandom (R8)
+            "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
+        ]
+        for i, disk in enumerate(spec.disks):
+            cmd += [
+                "-drive", f"file={disk},if=none,id=disk{i},format=raw",
+                "-device", f"{self._dev('blk')},drive=disk{i}",
+            ]
+        return cmd
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def start(self, spec: LaunchSpec) -> Running:
+        if shutil.which(self.binary) is None:
+            raise VmmError(f"{self.binary} not found (apt-get install qemu-system-x86)")
+        for path, what in ((spec.kernel, "kernel"), (spec.initramfs, "initramfs")):
+            if not path.is_file():
+                raise VmmError(f"{what} {path} does not exist")
+        spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in ("agent.sock", "qmp.sock", "console.log"):
+            (spec.run_dir / stale).unlink(missing_ok=True)
+        console = spec.run_dir / "console.log"
+        console.touch()
+        cmd = self.command(spec)
+        (spec.run_dir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
+        with open(spec.run_dir / "qemu.log", "wb") as qemu_log:
+            process = await trio.lowlevel.open_process(
+                cmd, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT
+            )
+        running = Running(process=process, console_log=console)
+        try:
+            async with await self._qmp(spec, running) as qmp:
+                if spec.guest_port is not None:
+                    port = await qmp.forwarded_port(spec.guest_port)
+                    if port is None:
+                        raise VmmError(f"{spec.name}: QEMU reports no forward to guest port "
+                                       f"{spec.guest_port}")
+                    running.address = f"127.0.0.1:{port}"
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._kill(running)
+            raise
+        return running
+
+    def _qemu_failure(self, spec: LaunchSpec, running: Running) -> VmmError:
+        try:
+            tail = (spec.run_dir / "qemu.log").read_text(errors="replace").strip()[-800:]
+        except OSError:
+            tail = ""
+        return VmmError(
+            f"{spec.name}: QEMU exited with status {running.process.returncode}"
+            + (f": {tail}" if tail else "")
+        )
+
+    async def _qmp(self, spec: LaunchSpec, running: Running, *, timeout: float = 15.0) -> QmpClient:
+        """Connect to QMP, failing fast with QEMU's own message if it died."""
+        result: list[QmpClient] = []
+
+        async def connect(cancel: trio.CancelScope) -> None:
+            result.append(await QmpClient.connect(spec.run_dir / "qmp.sock", timeout=timeout))
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connect, nursery.cancel_scope)
+            await running.process.wait()
+            nursery.cancel_scope.cancel()
+        if not result:
+            raise self._qemu_failure(spec, running)
+        return result[0]
+
+    async def open_agent_stream(self, spec: LaunchSpec, running: Running) -> trio.abc.Stream:
+        """Connect to the agent socket, retrying until QEMU accepts or the deadline.
+
+        QEMU serves one client at a time on the socket: a second connection
+        waits until the first goes away.
+        """
+        path = str(spec.run_dir / "agent.sock")
+        with trio.move_on_after(self.connect_timeout):
+            while running.process.returncode is None:
+                try:
+                    return await trio.open_unix_socket(path)
+                except OSError:
+                    await trio.sleep(0.05)
+            raise self._qemu_failure(spec, running)
+        raise VmmError(f"{spec.name}: agent socket {path} not reachable "
+                       f"within {self.connect_timeout:.0f} s")
+
+    async def shutdown(self, spec: LaunchSpec, running: Running, *, timeout: float) -> None:
+        """QMP quit, then SIGTERM, then SIGKILL; returns once QEMU is reaped."""
+        process = running.process
+        if process.returncode is None:
+            with trio.move_on_after(max(timeout, 0.5)):
+                try:
+                    async with await QmpClient.connect(
+                        spec.run_dir / "qmp.sock", timeout=min(timeout, 5.0)
+                    ) as qmp:
+                        await qmp.quit()
+                except QmpError:
+                    pass  # QEMU may be gone already, or wedged: signals follow
+                await process.wait()
+        await self._kill(running)
+
+    async def _kill(self, running: Running) -> None:
+        process = running.process
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+            if process.returncode is not None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+            with trio.move_on_after(wait):
+                await process.wait()
+        if process.returncode is None:
+            raise VmmError(f"QEMU pid {process.pid} survived SIGKILL")
