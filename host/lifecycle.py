@@ -1,0 +1,231 @@
+"""VM lifecycle for the CLI: create (spawn a monitor, wait for hello), stop, delete.
+
+Commands never own a VM: they record it, start its detached monitor
+(``python -m host.monitor``) and read what the monitor writes. Nothing here
+imports trio, so ``volar vms list`` and friends stay quick to start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from host import ipam
+from host.errors import AlreadyExists, BootFailed, MissingKernel, VolarError
+from host.state import LIVE, TERMINAL, Store, Vm, proc_start_time, process_alive
+from kestrel.layout import kernel_dir
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+VMMS = ("qemu", "cloud-hypervisor")
+UP = ("running", "healthy", "unhealthy")
+CONTROL_SOCKET = "control.sock"  # same name as host.monitor.CONTROL_SOCKET
+POLL_S = 0.05
+
+
+def load_config(store: Store) -> dict[str, Any]:
+    path = store.dir / "config.json"
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise VolarError(f"{path}: not valid JSON ({exc})") from None
+
+
+def resolve_kernel(store: Store, requested: str | None) -> Path:
+    """--kernel, else config.json's "kernel", else the fetched kernel's vmlinux."""
+    if requested:
+        path, origin = Path(requested), "--kernel"
+    elif load_config(store).get("kernel"):
+        path, origin = Path(load_config(store)["kernel"]), f"{store.dir / 'config.json'}"
+    else:
+        path = kernel_dir() / "current" / "vmlinux"
+        if not path.is_file():
+            raise MissingKernel(
+                f"no kernel at {path}: run `volar kernel fetch` or pass --kernel PATH"
+            )
+        return path.resolve()
+    if not path.is_file():
+        raise MissingKernel(f"kernel {path} (from {origin}) does not exist or is not a file")
+    return path.resolve()
+
+
+def spawn_monitor(store: Store, vm: Vm, *, boot_timeout: float) -> subprocess.Popen[bytes]:
+    run_dir = Path(vm.run_dir)
+    log = open(run_dir / "monitor.log", "ab")  # noqa: SIM115 - handed to the child
+    with log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "host.monitor", str(store.dir), vm.name,
+             "--boot-timeout", str(boot_timeout)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this command and its terminal
+            close_fds=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": _package_root()},
+        )
+    # Recorded before the monitor writes its own: a monitor that dies before
+    # it gets that far is still detected as gone.
+    store.update_vm(vm.name, monitor_pid=proc.pid, monitor_start=proc_start_time(proc.pid))
+    return proc
+
+
+def _package_root() -> str:
+    root = str(Path(__file__).resolve().parent.parent)
+    old = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{old}" if old else root
+
+
+def create(
+    store: Store,
+    name: str,
+    *,
+    plugin: str,
+    cpu: int | None,
+    memory: int | None,
+    kernel: str | None,
+    vmm: str | None,
+    port: int,
+    boot_timeout: float,
+    say: Callable[[str], None],
+) -> Vm:
+    from host.plugins import manifest_of
+
+    if not NAME_RE.match(name):
+        raise VolarError(
+            f"invalid VM name {name!r}: lowercase letters, digits, '-', '_', '.', "
+            "at most 63, starting with a letter or digit"
+        )
+    row = store.plugin(plugin)
+    if not row["enabled"]:
+        raise VolarError(f"plugin {plugin!r} is disabled (`volar plugins enable {plugin}`)")
+    if row["strategy"] != "initramfs":
+        raise VolarError(f"plugin {plugin!r} uses the {row['strategy']} strategy; "
+                         "volar boots initramfs plugins only")
+    manifest = manifest_of(row)
+    vmm = vmm or str(load_config(store).get("vmm", "qemu"))
+    if vmm not in VMMS and ":" not in vmm:
+        raise VolarError(f"unknown VMM {vmm!r}: expected one of {', '.join(VMMS)}")
+    if store.db.execute("SELECT 1 FROM vms WHERE name = ?", (name,)).fetchone():
+        raise AlreadyExists(f"a VM named {name!r} already exists (`volar vms delete {name}`)")
+    kernel_path = resolve_kernel(store, kernel)
+    if not Path(row["artifact_path"]).is_file():
+        raise VolarError(f"plugin {plugin!r}: its initramfs {row['artifact_path']} is missing; "
+                         "reinstall the plugin")
+    if vmm == "cloud-hypervisor" and shutil.which("cloud-hypervisor") is None:
+        raise VolarError("cloud-hypervisor is not installed (no `cloud-hypervisor` on PATH)")
+    if not 0 <= port <= 65535:
+        raise VolarError(f"--port {port}: must be 0..65535")
+    cpus = cpu or manifest.resources.cpu_cores
+    mem = memory or manifest.resources.memory_mb
+    if cpus < 1 or mem < 64:
+        raise VolarError(f"--cpu must be >= 1 and --memory >= 64 (got {cpus}, {mem})")
+    run_dir = store.vms_dir / name
+    say(f"Creating VM {name}...")
+    try:
+        with store.transaction():
+            store.db.execute(
+                "INSERT INTO vms (name, plugin, vmm, status, cpus, memory_mb, kernel, initramfs,"
+                " run_dir, host_port, created_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                (name, plugin, vmm, cpus, mem, str(kernel_path), row["artifact_path"],
+                 str(run_dir), port, time.time()),
+            )
+            store.add_event(name, "status", "pending", "created")
+            if vmm == "cloud-hypervisor":
+                ip, mac = ipam.allocate(store, name)
+                store.update_vm(name, ip=ip, mac=mac, tap=ipam.tap_name(name))
+                say(f"Allocating IP: {ip}")
+    except Exception as exc:
+        if "UNIQUE" in str(exc):
+            raise AlreadyExists(f"a VM named {name!r} already exists") from None
+        raise
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(mode=0o700, parents=True)
+    say(f"Booting VM with {row['strategy']} strategy...")
+    vm = store.vm(name, refresh=False)
+    proc = spawn_monitor(store, vm, boot_timeout=boot_timeout)
+    vm = wait_for_boot(store, name, proc, timeout=boot_timeout + 15)
+    where = f"IP {vm.ip}" if vm.ip else f"address {vm.address or '(none published)'}"
+    say(f"VM {name} created with {where}")
+    return vm
+
+
+def wait_for_boot(store: Store, name: str, proc: subprocess.Popen[bytes], *,
+                  timeout: float) -> Vm:
+    deadline = time.monotonic() + timeout
+    while True:
+        vm = store.vm(name)
+        if vm.status in UP:
+            return vm
+        if vm.status in TERMINAL:
+            proc.wait()
+            raise BootFailed(_failure(vm))
+        if proc.poll() is not None:
+            vm = store.vm(name)
+            if vm.status in UP:
+                return vm
+            if vm.status not in TERMINAL:
+                store.set_status(name, "crashed", f"monitor exited with {proc.returncode}")
+            raise BootFailed(_failure(store.vm(name)))
+        if time.monotonic() > deadline:
+            stop(store, name, grace=0)
+            raise BootFailed(f"VM {name} did not boot within {timeout:g} s; stopped it. "
+                             f"See `volar vms console {name}`")
+        time.sleep(POLL_S)
+
+
+def _failure(vm: Vm) -> str:
+    why = vm.fatal or vm.detail or vm.status
+    why = why.replace("\n", "\n  ")
+    return (f"VM {vm.name} {vm.status}: {why}\n"
+            f"  (`volar vms show {vm.name}` for its history, `volar vms delete {vm.name}` "
+            "to remove it)")
+
+
+def stop(store: Store, name: str, *, grace: float, timeout: float | None = None) -> Vm:
+    """Ask the monitor to stop the VM and wait until it records a final status."""
+    vm = store.vm(name)
+    if vm.status in TERMINAL:
+        return vm
+    limit = timeout if timeout is not None else grace + 60
+    path = Path(vm.run_dir) / CONTROL_SOCKET
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(limit)
+            s.connect(str(path))
+            s.sendall(f"stop {grace:g}\n".encode())
+            while s.recv(64):  # "ok" then EOF, or EOF when the monitor ends
+                pass
+    except OSError:
+        # No control socket (the monitor is still starting, or it is gone):
+        # SIGTERM asks the same thing.
+        if process_alive(vm.monitor_pid, vm.monitor_start):
+            os.kill(vm.monitor_pid, 15)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        vm = store.vm(name)
+        if vm.status in TERMINAL:
+            return vm
+        time.sleep(POLL_S)
+    raise VolarError(f"VM {name} did not stop within {limit:g} s (status {vm.status})")
+
+
+def delete(store: Store, name: str) -> None:
+    vm = store.vm(name)
+    if vm.status in LIVE:
+        vm = stop(store, name, grace=float(vm.stop_grace))
+    if process_alive(vm.monitor_pid, vm.monitor_start):
+        raise VolarError(f"VM {name}: its monitor (pid {vm.monitor_pid}) is still running")
+    shutil.rmtree(vm.run_dir, ignore_errors=True)
+    ipam.release(store, name)
+    store.delete_vm(name)

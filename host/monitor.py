@@ -1,0 +1,307 @@
+"""The per-VM monitor: ``python -m host.monitor <state-dir> <vm-name>``.
+
+Like podman's conmon, one detached process per VM owns the VMM process and
+the agent channel: it starts the VMM through a driver, speaks kestrel's
+protocol (attach, ack, stop), writes every record into the store and the
+VM's final status when the VMM exits. ``volar vms stop`` reaches it through
+a 0600 unix socket in the VM's run directory (or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import trio
+
+from host.agentlink import AgentLink
+from host.state import Store, proc_start_time
+from host.vmm import LaunchSpec, Running, VmmDriver, VmmError
+from kestrel.cmdline import CmdlineError, build_cmdline
+from kestrel.manifest import load_manifest
+
+BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=1"
+QEMU_USER_IP = "10.0.2.15::10.0.2.2:255.255.255.0:{name}:eth0:off"
+BRIDGE_IP = "{ip}::192.168.127.1:255.255.255.0:{name}:eth0:off"
+CONTROL_SOCKET = "control.sock"
+# Time on top of the guest's own grace for kestrel to power off and the VMM
+# to exit (TCG guests are slow to sync and power down).
+STOP_MARGIN_S = 10.0
+CONSOLE_TAIL_LINES = 20
+
+
+def make_driver(vmm: str) -> VmmDriver:
+    """The driver for ``--vmm``: qemu, cloud-hypervisor or ``module:Class``."""
+    if vmm == "qemu":
+        from host.qemu import QemuDriver
+
+        return QemuDriver()
+    if vmm == "cloud-hypervisor":
+        from host.cloud_hypervisor import CloudHypervisorDriver
+
+        return CloudHypervisorDriver()
+    module, sep, cls = vmm.partition(":")
+    if not sep:
+        raise VmmError(f"unknown VMM {vmm!r}: expected qemu or cloud-hypervisor")
+    factory: Any = getattr(importlib.import_module(module), cls)
+    driver: VmmDriver = factory()
+    return driver
+
+
+def console_tail(path: Path | str, *, lines: int = CONSOLE_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.rstrip("\n").split("\n")[-lines:])
+
+
+def guest_port(manifest_json: str) -> int | None:
+    m = load_manifest(manifest_json)
+    if m.workload is None or not m.workload.base_url:
+        return None
+    return urlparse(m.workload.base_url).port or 80
+
+
+class Monitor:
+    def __init__(self, store: Store, name: str, *, boot_timeout: float) -> None:
+        self.store = store
+        self.name = name
+        self.boot_timeout = boot_timeout
+        self.vm = store.vm(name, refresh=False)
+        self.plugin = store.plugin(self.vm.plugin)
+        self.run_dir = Path(self.vm.run_dir)
+        self.driver: VmmDriver | None = None
+        self.spec: LaunchSpec | None = None
+        self.running: Running | None = None
+        self.link = AgentLink(store, name, last_seq=self.vm.last_seq)
+        self.exited = trio.Event()
+        self.exit_code: int | None = None
+        self.stop_requested = False
+        self.stop_forced = ""
+
+    # --- launch -----------------------------------------------------------
+
+    def _spec(self, driver: VmmDriver) -> LaunchSpec:
+        vm = self.vm
+        ip = (BRIDGE_IP if vm.ip else QEMU_USER_IP).format(ip=vm.ip, name=self.name)
+        manifest = json.loads(self.plugin["manifest_json"])
+        manifest.pop("$schema", None)  # a URL the guest never reads: cmdline bytes are scarce
+        cmdline = build_cmdline(
+            manifest_json=json.dumps(manifest, separators=(",", ":")).encode(),
+            channel=driver.agent_channel(),
+            base=BASE_CMDLINE,
+            extra={
+                "volant.plugin": vm.plugin,
+                "volant.runtime": self.plugin["runtime"],
+                "kestrel.hostname": self.name,
+                "ip": ip,
+            },
+        )
+        extra = {k: v for k, v in (("ip", vm.ip), ("mac", vm.mac), ("tap", vm.tap)) if v}
+        return LaunchSpec(
+            name=self.name,
+            run_dir=self.run_dir,
+            kernel=Path(vm.kernel),
+            initramfs=Path(vm.initramfs),
+            cmdline=cmdline,
+            cpus=vm.cpus,
+            memory_mb=vm.memory_mb,
+            guest_port=guest_port(self.plugin["manifest_json"]),
+            host_port=vm.host_port,
+            extra=extra,
+        )
+
+    async def run(self) -> None:
+        store, name = self.store, self.name
+        store.update_vm(name, monitor_pid=os.getpid(), monitor_start=proc_start_time(os.getpid()))
+        try:
+            self.driver = make_driver(self.vm.vmm)
+            self.spec = spec = self._spec(self.driver)
+            command = shlex.join(self.driver.command(spec))
+        except (VmmError, CmdlineError, ImportError, OSError) as exc:
+            store.set_status(name, "failed", f"cannot launch: {exc}", fatal=str(exc))
+            return
+        store.update_vm(name, cmdline=spec.cmdline, vmm_command=command)
+        print(f"monitor: {command}", flush=True)
+        store.set_status(name, "starting", f"launching {self.driver.name}")
+        launched = time.time()
+        try:
+            self.running = running = await self.driver.start(spec)
+        except (VmmError, OSError) as exc:
+            log = spec.run_dir / "console.log"
+            tail = console_tail(log)
+            store.set_status(
+                name, "failed", f"{self.driver.name} did not start: {exc}",
+                fatal=str(exc) + (f"\n{tail}" if tail else ""),
+            )
+            return
+        pid = running.process.pid
+        store.update_vm(
+            name,
+            vmm_pid=pid,
+            vmm_start=proc_start_time(pid),
+            address=running.address,
+            console_log=str(running.console_log),
+        )
+        self.link.launched_at = launched
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._wait_vmm, nursery.cancel_scope)
+            nursery.start_soon(self.link.run, self.driver, spec, running, self.exited)
+            nursery.start_soon(self._boot_deadline)
+            nursery.start_soon(self._serve_control, nursery)
+            nursery.start_soon(self._signals, nursery)
+        self._finish()
+
+    async def _wait_vmm(self, scope: trio.CancelScope) -> None:
+        assert self.running is not None
+        self.exit_code = await self.running.process.wait()
+        self.exited.set()
+        # Give the agent link a moment to drain what the guest wrote last.
+        with trio.move_on_after(2.0):
+            await self.link.drained.wait()
+        scope.cancel()
+
+    async def _boot_deadline(self) -> None:
+        with trio.move_on_after(self.boot_timeout):
+            await self.link.hello_seen.wait()
+            return
+        if self.exited.is_set() or self.stop_requested:
+            return
+        self.stop_forced = f"no hello from kestrel within {self.boot_timeout:g} s"
+        self.store.add_event(self.name, "timeout", "boot", self.stop_forced)
+        await self._kill_vmm()
+
+    # --- stop ---------------------------------------------------------------
+
+    async def stop(self, grace: float) -> None:
+        if self.stop_requested or self.exited.is_set():
+            await self.exited.wait()
+            return
+        self.stop_requested = True
+        self.store.set_status(self.name, "stopping", f"stop requested (grace {grace:g} s)")
+        if await self.link.send_stop(grace):
+            with trio.move_on_after(grace + STOP_MARGIN_S):
+                await self.exited.wait()
+                return
+            self.stop_forced = f"guest did not power off within {grace + STOP_MARGIN_S:g} s"
+        await self._kill_vmm()
+
+    async def _kill_vmm(self) -> None:
+        """The VMM's own shutdown, then SIGTERM, then SIGKILL."""
+        assert self.driver is not None and self.spec is not None and self.running is not None
+        try:
+            with trio.move_on_after(10):
+                await self.driver.shutdown(self.spec, self.running, timeout=5.0)
+        except (VmmError, OSError) as exc:
+            print(f"monitor: {self.driver.name} shutdown: {exc}", flush=True)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.exited.is_set():
+                return
+            try:
+                self.running.process.send_signal(sig)
+            except ProcessLookupError:
+                return
+            with trio.move_on_after(5):
+                await self.exited.wait()
+
+    async def _serve_control(self, nursery: trio.Nursery) -> None:
+        path = self.run_dir / CONTROL_SOCKET
+        path.unlink(missing_ok=True)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old = os.umask(0o177)  # 0600 from birth: no window where others can connect
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(4)
+        listener = trio.SocketListener(sock)
+        await trio.serve_listeners(self._control_client, [listener])
+
+    async def _control_client(self, stream: trio.abc.Stream) -> None:
+        """Line protocol: ``stop <grace>`` -> ``ok`` when the VMM is gone."""
+        async with stream:
+            data = b""
+            with trio.move_on_after(5):
+                while b"\n" not in data and len(data) < 256:
+                    chunk = await stream.receive_some(256)
+                    if not chunk:
+                        break
+                    data += chunk
+            words = data.decode("ascii", "replace").split()
+            if words[:1] == ["stop"]:
+                try:
+                    grace = float(words[1]) if len(words) > 1 else self.vm.stop_grace
+                except ValueError:
+                    await stream.send_all(b"error bad grace\n")
+                    return
+                await self.stop(grace)
+                await self.exited.wait()
+                await stream.send_all(b"ok\n")
+            elif words[:1] == ["ping"]:
+                await stream.send_all(b"ok\n")
+            else:
+                await stream.send_all(b"error unknown command\n")
+
+    async def _signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.start_soon(self.stop, float(self.vm.stop_grace))
+
+    # --- the end ------------------------------------------------------------
+
+    def _finish(self) -> None:
+        link, code = self.link, self.exit_code
+        (self.run_dir / CONTROL_SOCKET).unlink(missing_ok=True)
+        if link.fatal:
+            status, detail = "failed", f"kestrel: {link.fatal}"
+        elif self.stop_forced and not self.stop_requested:
+            status, detail = "failed", self.stop_forced
+        elif self.stop_requested:
+            status = "stopped"
+            detail = f"stopped on request ({self.stop_forced})" if self.stop_forced else (
+                "stopped on request")
+        elif code == 0 and (link.poweroff or link.exit_seen):
+            status, detail = "stopped", "guest powered off"
+        else:
+            status = "crashed"
+            detail = f"VMM exited with code {code} without a power-off report from kestrel"
+        if status in ("failed", "crashed") and self.running is not None:
+            tail = console_tail(self.running.console_log, lines=8)
+            if tail and not link.fatal:
+                detail += "; console tail:\n" + tail
+        self.store.set_status(self.name, status, detail, vmm_pid=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m host.monitor")
+    p.add_argument("state_dir", type=Path)
+    p.add_argument("name")
+    p.add_argument("--boot-timeout", type=float, default=300.0)
+    args = p.parse_args(argv)
+    store = Store(args.state_dir)
+    monitor = Monitor(store, args.name, boot_timeout=args.boot_timeout)
+    try:
+        trio.run(monitor.run)
+    except BaseException as exc:
+        # A monitor bug must still leave a truthful status behind.
+        store.set_status(args.name, "crashed", f"monitor error: {type(exc).__name__}: {exc}")
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""volar's store: one SQLite database (WAL) in the state directory.
+
+Every command and every per-VM monitor opens it; the monitor writes what
+the VM does (status history, log records, boot timeline, metrics) and the
+commands read the truth from here. A schema_version table and an ordered
+list of migrations let an old state directory open under a newer volar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from host.errors import NotFound, StateError
+
+# Statuses after which nothing runs any more; a VM in any other status has a
+# live monitor, or is declared crashed when its monitor is gone.
+TERMINAL = ("stopped", "crashed", "failed")
+LIVE = ("pending", "starting", "running", "healthy", "unhealthy", "stopping")
+
+MIGRATIONS: list[str] = [
+    # 1: the first layout.
+    """
+    CREATE TABLE plugins (
+        name TEXT PRIMARY KEY,
+        version TEXT NOT NULL,
+        runtime TEXT NOT NULL,
+        enabled INTEGER NOT NULL,
+        strategy TEXT NOT NULL,
+        manifest_json TEXT NOT NULL,
+        source TEXT NOT NULL,
+        artifact_path TEXT NOT NULL,
+        artifact_sha256 TEXT NOT NULL,
+        installed_at REAL NOT NULL
+    );
+    CREATE TABLE vms (
+        name TEXT PRIMARY KEY,
+        plugin TEXT NOT NULL,
+        vmm TEXT NOT NULL,
+        status TEXT NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        kernel TEXT NOT NULL,
+        initramfs TEXT NOT NULL,
+        run_dir TEXT NOT NULL,
+        address TEXT NOT NULL DEFAULT '',
+        ip TEXT NOT NULL DEFAULT '',
+        mac TEXT NOT NULL DEFAULT '',
+        tap TEXT NOT NULL DEFAULT '',
+        host_port INTEGER NOT NULL DEFAULT 0,
+        cmdline TEXT NOT NULL DEFAULT '',
+        vmm_command TEXT NOT NULL DEFAULT '',
+        console_log TEXT NOT NULL DEFAULT '',
+        monitor_pid INTEGER NOT NULL DEFAULT 0,
+        monitor_start INTEGER NOT NULL DEFAULT 0,
+        vmm_pid INTEGER NOT NULL DEFAULT 0,
+        vmm_start INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        running_at REAL,
+        ended_at REAL,
+        detail TEXT NOT NULL DEFAULT '',
+        fatal TEXT NOT NULL DEFAULT '',
+        health TEXT NOT NULL DEFAULT '',
+        exit_json TEXT NOT NULL DEFAULT '',
+        boot_json TEXT NOT NULL DEFAULT '{}',
+        metrics_json TEXT NOT NULL DEFAULT '{}',
+        last_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE vm_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm TEXT NOT NULL,
+        time REAL NOT NULL,
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX vm_events_vm ON vm_events (vm, id);
+    CREATE TABLE vm_logs (
+        vm TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        data BLOB NOT NULL,
+        time REAL NOT NULL,
+        PRIMARY KEY (vm, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE ip_allocations (
+        ip TEXT PRIMARY KEY,
+        vm TEXT NOT NULL UNIQUE,
+        mac TEXT NOT NULL,
+        allocated_at REAL NOT NULL
+    );
+    """,
+    # 2: the stop grace a user asked for, kept so the monitor can read it.
+    "ALTER TABLE vms ADD COLUMN stop_grace REAL NOT NULL DEFAULT 10.0;",
+]
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("VOLAR_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/volar")
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "volar"
+
+
+def proc_start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot, 0 if it is gone.
+
+    Together with the pid it names one process: a reused pid has a later
+    start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    # comm may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] == "Z":
+        return 0  # a zombie is as dead as it gets
+    return int(fields[19])
+
+
+def process_alive(pid: int, start: int) -> bool:
+    return pid > 0 and start > 0 and proc_start_time(pid) == start
+
+
+@dataclass
+class Vm:
+    """One row of ``vms`` with helpers for what the commands show."""
+
+    row: dict[str, Any]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.row[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @property
+    def uptime(self) -> float | None:
+        if self.row["running_at"] is None:
+            return None
+        end = float(self.row["ended_at"] or time.time())
+        return max(0.0, end - float(self.row["running_at"]))
+
+    @property
+    def boot(self) -> dict[str, Any]:
+        return dict(json.loads(self.row["boot_json"] or "{}"))
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(json.loads(self.row["metrics_json"] or "{}"))
+
+
+class Store:
+    """A connection to the state database; cheap to open, one per process."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(state_dir, 0o700)
+            self.db = sqlite3.connect(
+                state_dir / "state.db", timeout=10.0, isolation_level=None
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"cannot open state directory {state_dir}: {exc}") from None
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.dir / "vms"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.dir / "artifacts"
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            if current > len(MIGRATIONS):
+                raise StateError(
+                    f"{self.dir / 'state.db'} has schema version {current}, newer than "
+                    f"this volar understands ({len(MIGRATIONS)})"
+                )
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                for stmt in MIGRATIONS[version - 1].split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+
+    def transaction(self) -> _Tx:
+        return _Tx(self.db)
+
+    # --- plugins -------------------------------------------------------------
+
+    def plugin(self, name: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM plugins WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown plugin {name!r} (see `volar plugins list`)")
+        return dict(row)
+
+    def plugins(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM plugins ORDER BY name")]
+
+    # --- VMs -----------------------------------------------------------------
+
+    def vm(self, name: str, *, refresh: bool = True) -> Vm:
+        row = self.db.execute("SELECT * FROM vms WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown VM {name!r} (see `volar vms list`)")
+        vm = Vm(dict(row))
+        if refresh:
+            self._check_monitor(vm)
+        return vm
+
+    def vms(self) -> list[Vm]:
+        out = [Vm(dict(r)) for r in self.db.execute("SELECT * FROM vms ORDER BY name")]
+        for vm in out:
+            self._check_monitor(vm)
+        return out
+
+    def update_vm(self, name: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE vms SET {cols} WHERE name = ?", (*fields.values(), name))
+
+    def set_status(self, name: str, status: str, detail: str = "", **fields: Any) -> None:
+        """Move a VM to ``status`` and append it to the status history."""
+        now = time.time()
+        if status in TERMINAL:
+            fields.setdefault("ended_at", now)
+        if status == "running":
+            fields.setdefault("running_at", now)
+        with self.transaction():
+            self.update_vm(name, status=status, detail=detail, **fields)
+            self.add_event(name, "status", status, detail, when=now)
+
+    def add_event(self, vm: str, kind: str, value: str, detail: str = "", *,
+                  when: float | None = None) -> None:
+        self.db.execute(
+            "INSERT INTO vm_events (vm, time, kind, value, detail) VALUES (?, ?, ?, ?, ?)",
+            (vm, when or time.time(), kind, value, detail),
+        )
+
+    def events(self, vm: str) -> list[dict[str, Any]]:
+        return [
+            dict(r)
+            for r in self.db.execute("SELECT * FROM vm_events WHERE vm = ? ORDER BY id", (vm,))
+        ]
+
+    def add_logs(self, vm: str, records: list[tuple[int, str, bytes, float]]) -> None:
+        self.db.executemany(
+            "INSERT OR IGNORE INTO vm_logs (vm, seq, stream, data, time) VALUES (?, ?, ?, ?, ?)",
+            [(vm, *r) for r in records],
+        )
+
+    def logs(self, vm: str, *, after_seq: int = 0, since: float = 0.0
+             ) -> Iterator[tuple[int, str, bytes, float]]:
+        cur = self.db.execute(
+            "SELECT seq, stream, data, time FROM vm_logs WHERE vm = ? AND seq > ? AND time >= ?"
+            " ORDER BY seq",
+            (vm, after_seq, since),
+        )
+        for r in cur:
+            yield int(r[0]), str(r[1]), bytes(r[2]), float(r[3])
+
+    def delete_vm(self, name: str) -> None:
+        with self.transaction():
+            for table in ("vm_logs", "vm_events"):
+                self.db.execute(f"DELETE FROM {table} WHERE vm = ?", (name,))
+            self.db.execute("DELETE FROM ip_allocations WHERE vm = ?", (name,))
+            self.db.execute("DELETE FROM vms WHERE name = ?", (name,))
+
+    def _check_monitor(self, vm: Vm) -> None:
+        """A live status whose monitor is gone is a crash: say so, kill leftovers."""
+        if vm.status not in LIVE or vm.monitor_pid == 0:
+            return
+        if process_alive(vm.monitor_pid, vm.monitor_start):
+            return
+        # Re-read inside the write lock: the monitor may have written a final
+        # status just before exiting.
+        with self.transaction():
+            row = self.db.execute(
+                "SELECT status FROM vms WHERE name = ?", (vm.name,)
+            ).fetchone()
+            if row is None or row[0] not in LIVE:
+                vm.row["status"] = row[0] if row else vm.status
+                return
+            detail = f"monitor process {vm.monitor_pid} is gone"
+            if process_alive(vm.vmm_pid, vm.vmm_start):
+                # Nobody owns the VMM any more: it would run unobserved forever.
+                os.kill(vm.vmm_pid, signal.SIGKILL)
+                detail += f"; killed its orphaned VMM (pid {vm.vmm_pid})"
+            now = time.time()
+            self.update_vm(vm.name, status="crashed", detail=detail, ended_at=now)
+            self.add_event(vm.name, "status", "crashed", detail, when=now)
+        vm.row.update(status="crashed", detail=detail, ended_at=now)
+
+
+class _Tx:
+    """``with store.transaction():`` - one IMMEDIATE transaction (nests flat)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.outer = False
+
+    def __enter__(self) -> None:
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.outer = True
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if not self.outer:
+            return
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
