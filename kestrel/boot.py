@@ -1,0 +1,160 @@
+"""Early boot: mounts, loopback, hostname, eth0, and the switch into a rootfs.
+
+Everything here runs before the workload is spawned (except eth0, which the
+agent configures once the device appears), so it uses only C-backed modules
+and skips whatever the shim or the kernel already did.
+"""
+
+from __future__ import annotations
+
+import os
+
+# (target, fstype, source, flags, data, mode): the mounts a workload expects.
+# Flags follow Volant's stage 2 and systemd's defaults.
+MOUNTS = (
+    ("/proc", "proc", "proc", 2 | 4 | 8, "", 0o555),
+    ("/sys", "sysfs", "sysfs", 2 | 4 | 8, "", 0o555),
+    ("/dev", "devtmpfs", "devtmpfs", 2, "mode=0755", 0o755),
+    ("/dev/pts", "devpts", "devpts", 2 | 8, "mode=0620,gid=5,ptmxmode=0666", 0o755),
+    ("/dev/shm", "tmpfs", "shm", 2 | 4, "mode=1777", 0o1777),
+    ("/run", "tmpfs", "tmpfs", 2 | 4, "mode=0755", 0o755),
+    ("/tmp", "tmpfs", "tmpfs", 2 | 4, "mode=1777", 0o1777),
+)
+
+
+def mounted() -> dict[str, str]:
+    """Mount point -> filesystem type, from /proc/self/mountinfo (last one wins)."""
+    table: dict[str, str] = {}
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            data = f.read()
+    except OSError:
+        return table
+    for line in data.decode("utf-8", "replace").splitlines():
+        # 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw
+        left, _, right = line.partition(" - ")
+        parts = left.split()
+        if len(parts) >= 5 and right:
+            table[parts[4].replace("\\040", " ")] = right.split()[0]
+    return table
+
+
+def ensure_mounts() -> list[str]:
+    """Mount what is missing; return what was mounted (for the boot log)."""
+    have = mounted()
+    done: list[str] = []
+    for target, fstype, source, flags, data, mode in MOUNTS:
+        if have.get(target) == fstype:
+            continue  # e.g. the shim's, or a test's bind mount over /proc/cmdline
+        from kestrel import sysapi
+
+        os.makedirs(target, mode=mode, exist_ok=True)
+        sysapi.mount(source, target, fstype, flags, data)
+        done.append(target)
+        if target == "/proc":
+            have = mounted()
+    return done
+
+
+# <linux/sockios.h>, <net/if.h>
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCGIFADDR = 0x8915
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCADDRT = 0x890B
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+RTF_UP = 0x1
+RTF_GATEWAY = 0x2
+
+
+def _ifreq(name: str, payload: bytes = b"") -> bytes:
+    # struct ifreq: 16-byte name, then a 24-byte union.
+    return name.encode()[:15].ljust(16, b"\0") + payload.ljust(24, b"\0")
+
+
+def _sockaddr_in(addr: str) -> bytes:
+    import _socket
+
+    return (2).to_bytes(2, "little") + b"\0\0" + _socket.inet_aton(addr) + b"\0" * 8
+
+
+def link_up(name: str) -> None:
+    """Set IFF_UP on an interface (loopback before the workload binds to it)."""
+    import _socket
+    import fcntl
+
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        flags = int.from_bytes(fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, _ifreq(name))[16:18], "little")
+        if not flags & IFF_UP:
+            up = (flags | IFF_UP).to_bytes(2, "little")
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, _ifreq(name, up))
+    finally:
+        s.close()
+
+
+def has_ipv4(name: str) -> bool:
+    import _socket
+    import fcntl
+
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        fcntl.ioctl(s.fileno(), SIOCGIFADDR, _ifreq(name))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def configure_ipv4(name: str, address: str, netmask: str, gateway: str) -> None:
+    """What the kernel's ip= autoconfiguration does (Debian builds without it)."""
+    import _socket
+    import fcntl
+    import struct
+
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        fd = s.fileno()
+        fcntl.ioctl(fd, SIOCSIFADDR, _ifreq(name, _sockaddr_in(address)))
+        fcntl.ioctl(fd, SIOCSIFNETMASK, _ifreq(name, _sockaddr_in(netmask)))
+        link_up(name)
+        if gateway:
+            # struct rtentry (x86_64): pad, dst, gateway, genmask, flags, ...
+            rt = struct.pack(
+                "L16s16s16sH",
+                0,
+                _sockaddr_in("0.0.0.0"),
+                _sockaddr_in(gateway),
+                _sockaddr_in("0.0.0.0"),
+                RTF_UP | RTF_GATEWAY,
+            ).ljust(120, b"\0")
+            try:
+                fcntl.ioctl(fd, SIOCADDRT, rt)
+            except FileExistsError:
+                pass
+    finally:
+        s.close()
+
+
+def set_hostname(name: str) -> None:
+    import _socket
+
+    _socket.sethostname(name)
+
+
+def rootfs_device(*, boot: str, cmdline_device: str, manifest_has_rootfs: bool) -> str | None:
+    """The device to pivot into, or None to stay in the initramfs.
+
+    Only a rootfs that the command line or the manifest names counts: a
+    data or cloud-init disk at /dev/vda is not a root disk (Volant's bug).
+    """
+    if boot == "initramfs":
+        return None
+    if cmdline_device:
+        return "/dev/" + cmdline_device
+    if manifest_has_rootfs or boot == "rootfs":
+        return "/dev/vda"
+    return None

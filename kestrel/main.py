@@ -1,0 +1,142 @@
+"""kestrel's entry point: the boot path up to the workload's exec, then the agent.
+
+Budget: the workload must not wait for trio. Until ``spawn`` returns this
+module and its helpers import only C-backed modules (os, time, _signal,
+binascii, zlib, _json) and kestrel's boot-path modules. PID 1 never returns:
+every path, an unexpected exception included, ends in a console line, sync
+and reboot(RB_POWER_OFF) (R10).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+# Blocked from the start so none is lost before the agent's handlers exist
+# (PID 1 silently drops signals it has no handler for); the workload gets an
+# empty mask from posix_spawn. Numbers from signal(7), x86_64.
+_SIGCHLD = 17
+_BLOCKED = (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 14, 15, 16, 17, 18, 20, 21, 22, 23, 24, 25,
+            26, 27, 28, 29, 30, 31)
+_SIG_BLOCK = 0
+
+
+def _console(line: str) -> None:
+    try:
+        os.write(2, (line + "\n").encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip().decode()
+    except OSError:
+        return ""
+
+
+def main() -> None:
+    t0 = time.clock_gettime(time.CLOCK_BOOTTIME)
+    if os.getpid() != 1:
+        _console("kestrel: refusing to start: not PID 1 (kestrel powers the machine off "
+                 "when its workload ends; run it as a VM's init or in a PID namespace)")
+        raise SystemExit(2)
+    status = 0
+    try:
+        status = _main(t0)
+    except BaseException as exc:  # PID 1 must outlive every bug: report, then power off
+        _console(f"KESTREL PANIC: internal error: {type(exc).__name__}: {exc}")
+        try:
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:
+            pass
+        status = 1
+    finally:
+        _poweroff(status)
+
+
+def _main(t0: float) -> int:
+    import _signal  # type: ignore[import-not-found]  # C module: `signal` imports enum
+
+    _signal.pthread_sigmask(_SIG_BLOCK, _BLOCKED)
+    from kestrel import boot, spawn
+    from kestrel.cmdline import BootConfig, CmdlineError, boot_config
+    from kestrel.manifest import ManifestError, load_manifest
+
+    spawn.seal_inherited_fds()
+    fatal: str | None = None
+    cfg = BootConfig(None)
+    manifest = None
+    mounted = boot.ensure_mounts()
+    with open("/proc/cmdline", "rb") as f:
+        text = f.read().decode("utf-8", "replace")
+    try:
+        cfg = boot_config(text)
+        if cfg.manifest_json is None:
+            fatal = "no volant.manifest on the kernel command line"
+        else:
+            manifest = load_manifest(cfg.manifest_json)
+            if manifest.workload is None:
+                fatal = "manifest: workload: is required for kestrel to start anything"
+    except (CmdlineError, ManifestError) as exc:
+        fatal = str(exc)
+    try:
+        boot.link_up("lo")
+    except OSError as exc:
+        _console(f"kestrel: lo: {exc}")
+    if cfg.hostname:
+        try:
+            boot.set_hostname(cfg.hostname)
+        except OSError as exc:
+            _console(f"kestrel: hostname {cfg.hostname!r}: {exc}")
+    child = error = None
+    env: dict[str, str] = {}
+    if fatal is None and manifest is not None and manifest.workload is not None:
+        w = manifest.workload
+        env = spawn.workload_env(dict(os.environ), cfg.env, w.env)
+        try:
+            child = spawn.spawn(w.entrypoint, env, w.workdir)
+        except spawn.SpawnError as exc:
+            error = exc
+    t_exec = time.clock_gettime(time.CLOCK_BOOTTIME)
+    # The workload runs: from here on imports cost the agent, not the workload.
+    from kestrel import __version__
+
+    _console(
+        f"kestrel {__version__}: PID 1 up at {t0:.3f} s"
+        + (f", mounted {' '.join(mounted)}" if mounted else "")
+        + (f", workload pid {child.pid} started in {(t_exec - t0) * 1000:.1f} ms" if child else "")
+    )
+    if fatal is not None:
+        _console(f"KESTREL PANIC: {fatal}")
+    import trio
+
+    from kestrel import agent as agent_mod
+
+    timeline = {"kestrel_start": t0}
+    if child is not None:
+        timeline["workload_exec"] = t_exec
+    a = agent_mod.Agent(cfg, manifest, timeline=timeline, boot_id=_boot_id())
+    a.workload_env = env
+    return trio.run(agent_mod.run, a, child, error, fatal)
+
+
+def _poweroff(status: int) -> None:
+    _console(f"kestrel: powering off (status {status})")
+    try:
+        os.sync()
+        from kestrel import sysapi
+
+        sysapi.reboot(sysapi.RB_POWER_OFF)
+    except BaseException as exc:
+        _console(f"KESTREL PANIC: power-off failed: {exc}")
+    # Still here (reboot refused): PID 1 must not exit, or the kernel panics.
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
