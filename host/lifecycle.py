@@ -227,5 +227,12 @@ def delete(store: Store, name: str) -> None:
     if process_alive(vm.monitor_pid, vm.monitor_start):
         raise VolarError(f"VM {name}: its monitor (pid {vm.monitor_pid}) is still running")
     shutil.rmtree(vm.run_dir, ignore_errors=True)
+    if vm.tap:
+        from host.cloud_hypervisor import delete_tap
+
+        try:
+            delete_tap(vm.tap)
+        except RuntimeError as exc:  # VmmError: report it, keep deleting
+            print(f"volar: warning: {exc}", file=sys.stderr)
     ipam.release(store, name)
     store.delete_vm(name)
