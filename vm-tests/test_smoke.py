@@ -49,7 +49,9 @@ poweroff -f
 
 
 @pytest.fixture(scope="module")
-def smoke_image(kernel: KernelInfo, busybox: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smoke_image(
+    kernel: KernelInfo, busybox: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("smoke") / "smoke.cpio"
     return busybox_image(out, modules_dir=kernel.modules, modules=SMOKE_MODULES, init=INIT,
                          files={"www/index.html": PAGE}, busybox=busybox)
