@@ -224,8 +224,12 @@ def delete(store: Store, name: str) -> None:
     vm = store.vm(name)
     if vm.status in LIVE:
         vm = stop(store, name, grace=float(vm.stop_grace))
-    if process_alive(vm.monitor_pid, vm.monitor_start):
-        raise VolarError(f"VM {name}: its monitor (pid {vm.monitor_pid}) is still running")
+    # The monitor writes the final status, then needs a moment to exit.
+    deadline = time.monotonic() + 10
+    while process_alive(vm.monitor_pid, vm.monitor_start):
+        if time.monotonic() > deadline:
+            raise VolarError(f"VM {name}: its monitor (pid {vm.monitor_pid}) is still running")
+        time.sleep(POLL_S)
     shutil.rmtree(vm.run_dir, ignore_errors=True)
     if vm.tap:
         from host.cloud_hypervisor import delete_tap

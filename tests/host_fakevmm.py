@@ -74,6 +74,15 @@ class Guest:
         self.stop_grace: float | None = None
         self.stop_event = trio.Event()
 
+    def cmdline_manifest_env(self) -> dict[str, str]:
+        try:
+            cfg = boot_config(self.cmdline)
+            assert cfg.manifest_json is not None
+            workload = load_manifest(cfg.manifest_json).workload
+        except (ManifestError, AssertionError, ValueError):
+            return {}
+        return workload.env if workload else {}
+
     async def emit(self, msg: Message) -> None:
         frame = self.session.record(msg) if msg.SEQUENCED else self.session.telemetry(msg)
         if frame and self.conn is not None:
@@ -109,6 +118,10 @@ class Guest:
 
     async def run(self) -> int:
         print("fake guest: booting", flush=True)
+        if "FAKE_CRASH" in self.cmdline_manifest_env():
+            await trio.sleep(0.3)
+            print("Kernel panic - not syncing: fake", flush=True)
+            return 3  # dies before kestrel ever answers, like a kernel panic
         sock = self.run_dir / "agent.sock"
         sock.unlink(missing_ok=True)
         s = trio.socket.socket(trio.socket.AF_UNIX)
@@ -139,9 +152,6 @@ class Guest:
             await self.emit(Fatal(message=manifest.workload.env["FAKE_FATAL"]))
             await trio.sleep(1.0)
             return 0
-        if manifest.workload.env.get("FAKE_CRASH"):
-            await trio.sleep(0.5)
-            return 3  # the VMM dies without a power-off report
         env = {**os.environ, **manifest.workload.env}
         proc = await trio.lowlevel.open_process(
             list(manifest.workload.entrypoint), stdout=-1, stderr=-1, stdin=-3, env=env

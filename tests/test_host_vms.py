@@ -1,0 +1,222 @@
+"""volar vms: create/list/show/logs/stats/stop/delete through real monitors.
+
+The "VMM" is tests/host_fakevmm.py: a host process that runs the manifest's
+entrypoint and speaks the real kestrel protocol (GuestSession); the monitor,
+the store and the CLI are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from host.state import Store, proc_start_time
+from tests import host_helpers
+from tests.host_helpers import FAKE_VMM, Volar, write_plugin
+
+volar = host_helpers.volar  # fixtures
+kernel = host_helpers.kernel
+
+
+@pytest.fixture
+def installed(volar: Volar, tmp_path: Path) -> Volar:
+    volar.ok("plugins", "install", "--manifest", str(write_plugin(tmp_path / "p", entrypoint=[
+        "/bin/sh", "-c", "for i in 1 2 3; do echo out$i; echo err$i >&2; done; exec sleep 600",
+    ])))
+    return volar
+
+
+def _create(volar: Volar, kernel: Path, name: str = "caddy-demo", *extra: str) -> str:
+    return volar.ok("vms", "create", name, "--plugin", "caddy", "--kernel", str(kernel),
+                    "--vmm", FAKE_VMM, "--timeout", "30", *extra)
+
+
+def _wait_logs(volar: Volar, name: str, want: int) -> list[str]:
+    deadline = time.monotonic() + 20
+    while True:
+        r = volar("vms", "logs", name)
+        lines = (r.out + r.err).split()
+        if len(lines) >= want or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_create_prints_like_the_quick_start_and_lists(
+    installed: Volar, kernel: Path
+) -> None:
+    out = _create(installed, kernel)
+    try:
+        assert out.splitlines()[:2] == ["Creating VM caddy-demo...",
+                                        "Booting VM with initramfs strategy..."]
+        assert out.splitlines()[2].startswith("VM caddy-demo created with address 127.0.0.1:")
+        lines = installed.ok("vms", "list").splitlines()
+        assert lines[0].split() == ["NAME", "PLUGIN", "ADDRESS", "STATE", "CPU", "MEM", "UPTIME"]
+        row = lines[1].split()
+        assert row[0:2] == ["caddy-demo", "caddy"] and row[4:6] == ["1", "512MB"]
+        assert row[3] in ("running", "healthy")
+        listed = installed.json("vms", "list")
+        assert listed[0]["name"] == "caddy-demo" and listed[0]["cpus"] == 1
+    finally:
+        installed.ok("vms", "delete", "caddy-demo")
+
+
+def test_logs_arrive_in_order_per_stream(installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    try:
+        _wait_logs(installed, "caddy-demo", 6)
+        r = installed("vms", "logs", "caddy-demo")
+        assert r.out.split() == ["out1", "out2", "out3"]
+        assert r.err.split() == ["err1", "err2", "err3"]
+        # --since in the future: nothing yet
+        assert installed("vms", "logs", "caddy-demo", "--since", str(time.time() + 60)).out == ""
+    finally:
+        installed.ok("vms", "delete", "caddy-demo")
+
+
+def test_show_and_stats_carry_history_timeline_and_health(installed: Volar,
+                                                          kernel: Path) -> None:
+    _create(installed, kernel)
+    try:
+        deadline = time.monotonic() + 20
+        while installed.json("vms", "show", "caddy-demo")["status"] != "healthy":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        show = installed.json("vms", "show", "caddy-demo")
+        statuses = [e["value"] for e in show["events"] if e["kind"] == "status"]
+        assert statuses[:3] == ["pending", "starting", "running"]
+        assert statuses[-1] == "healthy"
+        assert "kestrel_start" in show["boot"]["guest_uptime_s"]
+        assert "volant.manifest=H4sI" in show["cmdline"]
+        assert "kestrel.hostname=caddy-demo" in show["cmdline"]
+        assert Path(show["console_log"]).name == "console.log"
+        stats = installed.json("vms", "stats", "caddy-demo")
+        assert "hello" in stats["boot"]["host_since_launch_s"]
+        text = installed.ok("vms", "stats", "caddy-demo")
+        assert "boot timeline:" in text
+    finally:
+        installed.ok("vms", "delete", "caddy-demo")
+
+
+def test_stop_powers_off_gracefully_and_delete_cleans_up(installed: Volar,
+                                                         kernel: Path) -> None:
+    _create(installed, kernel)
+    vm = installed.json("vms", "show", "caddy-demo")
+    out = installed.ok("vms", "stop", "caddy-demo", "--grace", "2")
+    assert out.startswith("VM caddy-demo stopped")
+    show = installed.json("vms", "show", "caddy-demo")
+    assert show["status"] == "stopped"
+    kinds = [(e["kind"], e["value"]) for e in show["events"]]
+    # the guest reported the workload's exit and its power-off before the VMM ended
+    assert kinds.index(("exit", "143")) < kinds.index(("status", "stopped"))
+    assert ("state", "poweroff") in kinds
+    assert proc_start_time(vm["vmm_pid"]) == 0
+    installed.ok("vms", "delete", "caddy-demo")
+    assert not Path(vm["run_dir"]).exists()
+    assert installed.json("vms", "list") == []
+
+
+def test_duplicate_name_is_refused(installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    try:
+        r = installed("vms", "create", "caddy-demo", "--plugin", "caddy",
+                      "--kernel", str(kernel), "--vmm", FAKE_VMM)
+        assert r.code != 0 and "already exists" in r.err
+    finally:
+        installed.ok("vms", "delete", "caddy-demo")
+
+
+def test_unknown_plugin_and_missing_kernel(installed: Volar, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    r = installed("vms", "create", "x", "--plugin", "nginx")
+    assert r.code != 0 and "unknown plugin 'nginx'" in r.err
+    r = installed("vms", "create", "x", "--plugin", "caddy", "--kernel", str(tmp_path / "nope"))
+    assert r.code != 0 and str(tmp_path / "nope") in r.err
+    monkeypatch.setenv("KESTREL_KERNEL_DIR", str(tmp_path / "kernels"))
+    r = installed("vms", "create", "x", "--plugin", "caddy")
+    assert r.code != 0
+    assert str(tmp_path / "kernels" / "current" / "vmlinux") in r.err
+    assert "volar kernel fetch" in r.err
+    assert installed.json("vms", "list") == []
+
+
+def test_missing_vmm_binary_fails_clearly(installed: Volar, kernel: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    r = installed("vms", "create", "ch", "--plugin", "caddy", "--kernel", str(kernel),
+                  "--vmm", "cloud-hypervisor")
+    assert r.code != 0 and "cloud-hypervisor is not installed" in r.err
+
+
+def test_kestrel_fatal_marks_failed_with_its_message(volar: Volar, tmp_path: Path,
+                                                     kernel: Path) -> None:
+    volar.ok("plugins", "install", "--manifest", str(write_plugin(
+        tmp_path / "p", env={"FAKE_FATAL": "workload.entrypoint: /usr/bin/caddy not found"})))
+    r = volar("vms", "create", "bad", "--plugin", "caddy", "--kernel", str(kernel),
+              "--vmm", FAKE_VMM, "--timeout", "30")
+    # hello came first, so create succeeds; the fatal record follows
+    deadline = time.monotonic() + 20
+    while (show := volar.json("vms", "show", "bad"))["status"] not in ("failed", "crashed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.code == 0 or "failed" in r.err
+    assert show["status"] == "failed"
+    assert "/usr/bin/caddy not found" in show["fatal"]
+    assert "/usr/bin/caddy not found" in volar.ok("vms", "show", "bad")
+    volar.ok("vms", "delete", "bad")
+
+
+def test_vmm_dying_without_poweroff_is_crashed(volar: Volar, tmp_path: Path,
+                                              kernel: Path) -> None:
+    volar.ok("plugins", "install", "--manifest", str(write_plugin(
+        tmp_path / "p", env={"FAKE_CRASH": "1"})))
+    r = volar("vms", "create", "boom", "--plugin", "caddy", "--kernel", str(kernel),
+              "--vmm", FAKE_VMM, "--timeout", "30")
+    assert r.code != 0
+    assert "boom crashed" in r.err and "code 3" in r.err
+    assert "fake guest: booting" in r.err  # the console tail comes with it
+    volar.ok("vms", "delete", "boom")
+
+
+def test_killed_monitor_is_detected_as_crashed(installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    vm = installed.json("vms", "show", "caddy-demo")
+    os.kill(vm["monitor_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while proc_start_time(vm["monitor_pid"]) != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    listed = installed.json("vms", "list")[0]
+    assert listed["status"] == "crashed"
+    assert f"monitor process {vm['monitor_pid']} is gone" in listed["detail"]
+    # its VMM is not left running unobserved
+    deadline = time.monotonic() + 10
+    while proc_start_time(vm["vmm_pid"]) != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    installed.ok("vms", "delete", "caddy-demo")
+
+
+def test_plugin_in_use_cannot_be_removed(installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    try:
+        r = installed("plugins", "remove", "caddy")
+        assert r.code != 0 and "caddy-demo" in r.err
+    finally:
+        installed.ok("vms", "delete", "caddy-demo")
+    installed.ok("plugins", "remove", "caddy")
+
+
+def test_list_with_100_vms(installed: Volar) -> None:
+    store = Store(installed.state)
+    with store.transaction():
+        for i in range(100):
+            store.db.execute(
+                "INSERT INTO vms (name, plugin, vmm, status, cpus, memory_mb, kernel, initramfs,"
+                " run_dir, created_at, running_at) VALUES (?, 'caddy', 'qemu', 'stopped', 1, 512,"
+                " '/k', '/i', '/r', ?, ?)", (f"vm{i:03d}", time.time(), time.time()))
+    lines = installed.ok("vms", "list").splitlines()
+    assert len(lines) == 101 and lines[1].split()[0] == "vm000"
