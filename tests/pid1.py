@@ -1,0 +1,212 @@
+"""Run kestrel as PID 1 of fresh PID, mount, UTS and network namespaces.
+
+A file bind-mounted over /proc/cmdline carries the configuration, the
+channel is a unix socket this harness serves with the real HostSession,
+and reboot(2) in a PID namespace kills the namespace's init with SIGINT:
+that is how a test sees a power-off. CAP_SYS_MODULE is dropped, so nothing
+here can load a module into this machine's kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from kestrel.cmdline import encode_manifest
+from kestrel.protocol import Exit, Health, HostSession, Log, Message, State
+
+REPO = Path(__file__).resolve().parent.parent
+# Outside /tmp and /run: kestrel mounts tmpfs over those inside its namespace.
+SCRATCH = Path(os.environ.get("KESTREL_TEST_SCRATCH", "/var/tmp"))
+POWEROFF_STATUS = -signal.SIGINT  # Popen-style returncode of the namespace init
+
+
+def manifest(entrypoint: list[str], *, type: str = "exec", **workload: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "name": "test",
+        "version": "0.0.1",
+        "initramfs": {"url": "/dev/null"},
+        "workload": {"type": type, "entrypoint": entrypoint, "workdir": "/", **workload},
+    }
+    return m
+
+
+class Run:
+    """What the host saw: messages in arrival order, the console, the exit."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.console = ""
+        self.returncode: int | None = None
+        self.session = HostSession()
+        self.dir = Path()
+        self.host_pid = 0  # kestrel's pid as this machine sees it
+
+    def of(self, kind: type[Message]) -> list[Any]:
+        return [m for m in self.messages if isinstance(m, kind)]
+
+    def logs(self, stream: str | None = None) -> bytes:
+        return b"".join(m.data for m in self.of(Log) if stream in (None, m.stream))
+
+    @property
+    def exits(self) -> list[Exit]:
+        return self.of(Exit)
+
+    @property
+    def states(self) -> list[str]:
+        return [m.state for m in self.of(State)]
+
+    @property
+    def health(self) -> list[str]:
+        return [m.status for m in self.of(Health)]
+
+    @property
+    def powered_off(self) -> bool:
+        return self.returncode == POWEROFF_STATUS
+
+
+Scenario = Callable[["Kestrel"], Awaitable[None]]
+
+
+class Kestrel:
+    """A running kestrel; scenarios use it to signal PID 1 and talk to it."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.stream: trio.abc.Stream | None = None
+        self.changed = trio.Event()
+        self.connected = trio.Event()
+        self.send_lock = trio.Lock()  # acks and commands share the stream
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.run.host_pid, signum)
+
+    async def send(self, msg: Message) -> None:
+        assert self.stream is not None
+        async with self.send_lock:
+            await self.stream.send_all(self.run.session.command(msg))  # type: ignore[arg-type]
+
+    async def wait_for(self, pred: Callable[[Run], bool], timeout: float = 30) -> None:
+        with trio.fail_after(timeout):
+            while not pred(self.run):
+                await self.changed.wait()
+
+    async def disconnect(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+
+
+async def run_kestrel(
+    doc: dict[str, Any] | None = None,
+    *,
+    cmdline: str | None = None,
+    extra: str = "",
+    scenario: Scenario | None = None,
+    timeout: float = 60,
+    serve: bool = True,
+) -> Run:
+    """Boot kestrel with ``doc`` as its manifest; return when it powers off."""
+    run = Run()
+    tmp = Path(tempfile.mkdtemp(prefix="kestrel-", dir=SCRATCH))
+    run.dir = tmp
+    sock = tmp / "agent.sock"
+    if cmdline is None:
+        enc = f"volant.manifest={encode_manifest(json.dumps(doc).encode())}" if doc else ""
+        cmdline = f"console=ttyS0 {enc} kestrel.channel=unix:{sock} kestrel.hostname=kt {extra}"
+    (tmp / "cmdline").write_text(cmdline.strip() + "\n")
+    boot = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+        "from kestrel.main import main; main()"
+    )
+    argv = [
+        "setpriv", "--bounding-set", "-sys_module",
+        "unshare", "-pfmun", "--mount-proc", "--kill-child",
+        "sh", "-c",
+        f'mount --bind "$0" /proc/cmdline && exec "$1" -I -c "$2"',
+        str(tmp / "cmdline"), sys.executable, boot,
+    ]
+    k = Kestrel(run)
+    try:
+        async with trio.open_nursery() as nursery:
+            if serve:
+                listener = await _listen(sock)
+                nursery.start_soon(_serve, listener, k)
+            proc = await trio.lowlevel.open_process(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            nursery.start_soon(_drain, proc, run)
+            with trio.fail_after(5):
+                while not run.host_pid:
+                    run.host_pid = _child_of(proc.pid)
+                    await trio.sleep(0.005)
+            try:
+                with trio.fail_after(timeout):
+                    if scenario is not None:
+                        await scenario(k)
+                    run.returncode = await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+            await trio.sleep(0.05)  # the last frames in flight
+            nursery.cancel_scope.cancel()
+    finally:
+        if run.returncode == POWEROFF_STATUS:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return run
+
+
+def _child_of(pid: int) -> int:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0
+    return int(kids[0]) if kids else 0
+
+
+async def _listen(path: Path) -> trio.SocketListener:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(4)
+    return trio.SocketListener(sock)
+
+
+async def _serve(listener: trio.SocketListener, k: Kestrel) -> None:
+    session = k.run.session
+    async with listener:
+        while True:
+            stream = await listener.accept()
+            k.stream = stream
+            k.connected.set()
+            try:
+                await stream.send_all(session.attach())
+                while data := await stream.receive_some(1 << 20):
+                    k.run.messages.extend(session.receive(data))
+                    k.changed.set()
+                    k.changed = trio.Event()
+                    ack = session.ack()
+                    if ack:
+                        async with k.send_lock:
+                            await stream.send_all(ack)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            k.connected = trio.Event()
+
+
+async def _drain(proc: trio.Process, run: Run) -> None:
+    assert proc.stdout is not None
+    chunks = []
+    async for chunk in proc.stdout:
+        chunks.append(chunk)
+        run.console = b"".join(chunks).decode(errors="replace")
