@@ -1,0 +1,288 @@
+"""cloud-hypervisor driver: command line, REST API, hybrid vsock, tap in a netns.
+
+No cloud-hypervisor binary here: the API is exercised against a real
+HTTP/1.1 server (h11) on a unix socket answering as CH's micro_http does,
+and the hybrid vsock handshake against a unix socket playing the VMM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+
+from host.chapi import ChApiError, CloudHypervisorApi
+from host.cloud_hypervisor import (
+    CloudHypervisorDriver,
+    create_tap,
+    delete_tap,
+    ensure_bridge,
+    hybrid_vsock_connect,
+    vsock_listen_path,
+)
+from host.vmm import LaunchSpec, Running, VmmError
+from kestrel.layout import VSOCK_PORT
+
+
+def _spec(tmp_path: Path, **extra: str) -> LaunchSpec:
+    return LaunchSpec(
+        name="caddy-demo", run_dir=tmp_path, kernel=Path("/k/vmlinux"),
+        initramfs=Path("/i/plugin.cpio.gz"), cmdline="console=ttyS0 volant.manifest=H4sI",
+        cpus=2, memory_mb=256, guest_port=80, extra=dict(extra),
+    )
+
+
+def test_command_line_matches_volant_order_with_vsock_socket(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, tap="vttap-caddy-demo", mac="02:aa:bb:cc:dd:ee", ip="192.168.127.2")
+    cmd = CloudHypervisorDriver().command(spec)
+    assert cmd == [
+        "cloud-hypervisor",
+        "--api-socket", f"path={tmp_path}/caddy-demo.sock",
+        "--cpus", "boot=2",
+        "--memory", "size=256M",
+        "--kernel", "/k/vmlinux",
+        "--serial", f"file={tmp_path}/console.log",
+        "--console", "off",
+        "--net", "tap=vttap-caddy-demo,mac=02:aa:bb:cc:dd:ee",
+        # Volant passed cid= alone, which CH rejects: socket= is required.
+        "--vsock", f"cid=3,socket={tmp_path}/caddy-demo.vsock",
+        "--initramfs", "/i/plugin.cpio.gz",
+        "--cmdline", "console=ttyS0 volant.manifest=H4sI",
+    ]
+    assert CloudHypervisorDriver().agent_channel().port == VSOCK_PORT
+
+
+def test_command_line_without_network(tmp_path: Path) -> None:
+    assert "--net" not in CloudHypervisorDriver().command(_spec(tmp_path))
+
+
+async def test_missing_binary_is_a_clear_error(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(VmmError, match="cloud-hypervisor not found"):
+        await CloudHypervisorDriver().start(_spec(tmp_path))
+
+
+# --- REST API ------------------------------------------------------------------
+
+# What CH answers (docs/api.md, cloud-hypervisor.yaml): 200 + JSON for GETs,
+# 204 No Content for the actions.
+ROUTES: dict[tuple[bytes, bytes], tuple[int, bytes]] = {
+    (b"GET", b"/api/v1/vmm.ping"): (200, json.dumps(
+        {"build_version": "v41.0", "version": "41.0.0", "pid": 1234,
+         "features": ["kvm"]}).encode()),
+    (b"GET", b"/api/v1/vm.info"): (200, json.dumps(
+        {"config": {"cpus": {"boot_vcpus": 1}}, "state": "Running",
+         "memory_actual_size": 536870912}).encode()),
+    (b"PUT", b"/api/v1/vm.shutdown"): (204, b""),
+    (b"PUT", b"/api/v1/vm.power-button"): (204, b""),
+    (b"PUT", b"/api/v1/vmm.shutdown"): (204, b""),
+}
+
+
+class FakeChApi:
+    """A real HTTP/1.1 server on a unix socket that records each request."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        req: dict[str, Any] = {"body": b""}
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                req.update(method=event.method, target=event.target,
+                           headers={k.lower(): v for k, v in event.headers})
+            elif isinstance(event, h11.Data):
+                req["body"] += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        self.requests.append(req)
+        status, body = ROUTES.get((req["method"], req["target"]), (404, b"not found"))
+        headers = [("Content-Length", str(len(body)))]
+        if body:
+            headers.append(("Content-Type", "application/json"))
+        out = conn.send(h11.Response(status_code=status, headers=headers))
+        if body:
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
+        await stream.send_all(out)
+        await stream.aclose()
+
+
+async def _serve_unix(path: Path, handler: Any, nursery: trio.Nursery) -> None:
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(str(path))
+    sock.listen(8)
+    nursery.start_soon(trio.serve_listeners, handler, [trio.SocketListener(sock)])
+
+
+async def test_api_requests_are_what_cloud_hypervisor_expects(tmp_path: Path) -> None:
+    server = FakeChApi()
+    path = tmp_path / "ch.sock"
+    async with trio.open_nursery() as nursery:
+        await _serve_unix(path, server.handle, nursery)
+        api = CloudHypervisorApi(path)
+        ping = await api.ping()
+        info = await api.info()
+        await api.power_button()
+        await api.shutdown_vm()
+        await api.shutdown_vmm()
+        nursery.cancel_scope.cancel()
+    assert ping["version"] == "41.0.0" and info["state"] == "Running"
+    assert [(r["method"], r["target"]) for r in server.requests] == [
+        (b"GET", b"/api/v1/vmm.ping"), (b"GET", b"/api/v1/vm.info"),
+        (b"PUT", b"/api/v1/vm.power-button"), (b"PUT", b"/api/v1/vm.shutdown"),
+        (b"PUT", b"/api/v1/vmm.shutdown"),
+    ]
+    for r in server.requests:
+        assert r["headers"][b"host"] == b"localhost"
+        assert b"transfer-encoding" not in r["headers"]  # micro_http has no chunked bodies
+        assert r["body"] == b""
+
+
+async def test_api_error_carries_status_and_body(tmp_path: Path) -> None:
+    async def refuse(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        body = b'"VM is not booted"'
+        await stream.send_all(conn.send(h11.Response(
+            status_code=500, headers=[("Content-Length", str(len(body)))])) +
+            conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        await stream.aclose()
+
+    path = tmp_path / "ch.sock"
+    async with trio.open_nursery() as nursery:
+        await _serve_unix(path, refuse, nursery)
+        with pytest.raises(ChApiError, match=r"vm\.shutdown: HTTP 500.*not booted") as info:
+            await CloudHypervisorApi(path).shutdown_vm()
+        nursery.cancel_scope.cancel()
+    assert info.value.status == 500
+
+
+async def test_api_socket_missing_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ChApiError, match=str(tmp_path / "absent.sock")):
+        await CloudHypervisorApi(tmp_path / "absent.sock").ping()
+
+
+# --- hybrid vsock ------------------------------------------------------------
+
+
+async def test_connect_handshake_retries_and_keeps_bytes_after_ok(tmp_path: Path) -> None:
+    path = tmp_path / "vm.vsock"
+    seen: list[bytes] = []
+
+    async def vmm(stream: trio.SocketStream) -> None:
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await stream.receive_some(1)
+        seen.append(line)
+        if len(seen) < 3:
+            await stream.aclose()  # nothing listens in the guest yet: closed, no OK
+            return
+        # OK and the guest's first bytes can arrive in one read.
+        await stream.send_all(b"OK 1073741824\nhello from kestrel")
+        assert await stream.receive_some(100) == b"ping"
+        await stream.send_all(b"pong")
+
+    async with trio.open_nursery() as nursery:
+        await _serve_unix(path, vmm, nursery)
+        stream, rest = await hybrid_vsock_connect(path, VSOCK_PORT, deadline_s=10)
+        assert rest == b"hello from kestrel"
+        await stream.send_all(b"ping")
+        assert await stream.receive_some(100) == b"pong"
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert seen == [f"CONNECT {VSOCK_PORT}\n".encode()] * 3
+
+
+async def test_connect_without_ok_gives_up_at_the_deadline(tmp_path: Path) -> None:
+    path = tmp_path / "vm.vsock"
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()  # never answers: the ~1 s OK deadline applies
+
+    async with trio.open_nursery() as nursery:
+        await _serve_unix(path, silent, nursery)
+        with pytest.raises(VmmError, match="no OK within"):
+            await hybrid_vsock_connect(path, VSOCK_PORT, deadline_s=2.5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_guest_initiated_connection_is_accepted_on_socket_port(tmp_path: Path) -> None:
+    """CH connects to <vsock>_<port> when kestrel dials (CID 2, port): we listen first."""
+    driver = CloudHypervisorDriver()
+    spec = _spec(tmp_path)
+    await driver._listen(spec)
+    listen = vsock_listen_path(tmp_path / "caddy-demo.vsock", VSOCK_PORT)
+    assert listen.exists() and (listen.stat().st_mode & 0o777) == 0o600
+    # What CH does on the guest's behalf, before the monitor asks for a stream.
+    vmm_side = await trio.open_unix_socket(str(listen))
+    await vmm_side.send_all(b"frames")
+    running = Running(process=None, console_log=tmp_path / "console.log")  # type: ignore[arg-type]
+    with trio.fail_after(5):
+        stream = await driver.open_agent_stream(spec, running)
+        assert await stream.receive_some(10) == b"frames"
+    await stream.aclose()
+    await vmm_side.aclose()
+
+
+# --- tap networking in a private network namespace ------------------------------
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root and iproute2 (`ip`) to create a network namespace")
+    name = f"kestrel-test-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {done.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_tap_is_created_on_the_bridge_and_removed(netns: str) -> None:
+    ensure_bridge(netns=netns)
+    ensure_bridge(netns=netns)  # idempotent
+    create_tap("vttap-web", netns=netns)
+    link = subprocess.run(["ip", "-n", netns, "-j", "-d", "link", "show", "vttap-web"],
+                          capture_output=True, text=True, check=True)
+    info = json.loads(link.stdout)[0]
+    assert info["master"] == "vbr0"
+    assert info["linkinfo"]["info_kind"] == "tun"
+    addr = subprocess.run(["ip", "-n", netns, "-j", "addr", "show", "vbr0"],
+                          capture_output=True, text=True, check=True)
+    assert "192.168.127.1" in addr.stdout
+    delete_tap("vttap-web", netns=netns)
+    gone = subprocess.run(["ip", "-n", netns, "link", "show", "vttap-web"], capture_output=True)
+    assert gone.returncode != 0
+
+
+# --- a real boot, where possible -------------------------------------------------
+
+
+def test_real_cloud_hypervisor_boot() -> None:
+    if shutil.which("cloud-hypervisor") is None:
+        pytest.skip("needs the cloud-hypervisor binary (not installed: not in Debian 12 "
+                    "or on PyPI) and a /dev/kvm that boots normal kernels (PVM-only here)")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("needs a usable /dev/kvm for cloud-hypervisor")
+    pytest.skip("cloud-hypervisor found, but the boot test needs a kestrel image: "
+                "run vm-tests with KESTREL_VMM=cloud-hypervisor")
