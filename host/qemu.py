@@ -98,6 +98,11 @@ class QemuDriver:
             words.append(f"ip={GUEST_IP}::{GATEWAY_IP}:{NETMASK}:{host}:eth0:off")
         if self.machine == "microvm" and self.tsc_khz and "tsc_early_khz" not in given:
             words.append(f"tsc_early_khz={self.tsc_khz}")
+        if self.accel == "tcg" and "tsc" not in given:
+            # TCG's TSC is the host's (constant); the guest's jiffies are what
+            # lag on a busy host, so the watchdog would wrongly drop the TSC
+            # for jiffies-based timekeeping ("skew is too large").
+            words.append("tsc=reliable")
         return " ".join(words)
 
     def _dev(self, kind: str) -> str:

@@ -102,7 +102,9 @@ class Vm:
         return next(c for c in self.console if text in c.text)
 
     async def wait_exit(self, *, timeout: float) -> int:
-        await self.until(lambda: self.exit_code is not None, timeout=timeout, what="QEMU exit")
+        """QEMU's exit status, once its console and agent socket are read to the end."""
+        await self.until(lambda: self.exit_code is not None and self.console_done
+                         and self.agent_done, timeout=timeout, what="QEMU exit")
         assert self.exit_code is not None
         return self.exit_code
 
@@ -238,8 +240,7 @@ async def boot(
                         if vm.exit_code is None:
                             await driver.shutdown(spec, running, timeout=5)
                         with trio.move_on_after(10):
-                            await vm.until(lambda: vm.exit_code is not None, timeout=10,
-                                           what="QEMU exit")
+                            await vm.wait_exit(timeout=10)
                     nursery.cancel_scope.cancel()
         ok = True
     finally:
