@@ -168,6 +168,8 @@ class Agent:
                     console("host attached")
 
     async def channel_loop(self, outer: trio.Nursery) -> None:
+        if self.cfg.channel.kind == "none":
+            return  # no usable kestrel.channel: the console is all there is
         transport = Transport(self.cfg.channel)
         while True:
             try:

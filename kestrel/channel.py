@@ -55,6 +55,8 @@ class Transport:
         ch = self.channel
         if ch.kind == "serial":
             return await self._open_serial(ch.name)
+        if ch.kind not in ("unix", "vsock"):
+            raise ChannelMissing(f"{ch}: no such channel kind")
         delay = RETRY_MIN_S
         while True:
             try:
@@ -67,6 +69,7 @@ class Transport:
                 delay = min(RETRY_MAX_S, delay * 2)
 
     async def _open_vsock(self, port: int) -> trio.abc.Stream:
+        # Only ever reached inside a guest: on a host, CID 2 is somebody else.
         try:
             sock = trio.socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         except (OSError, AttributeError) as exc:

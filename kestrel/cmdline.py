@@ -127,7 +127,7 @@ class Channel(Record):
     """Where kestrel streams to the host: vsock port, virtio-serial name or unix path."""
 
     __slots__ = ("kind", "port", "name", "path")
-    kind: str  # "vsock" | "serial" | "unix"
+    kind: str  # "vsock" | "serial" | "unix" | "none" (no host: console only)
     port: int
     name: str
     path: str
@@ -140,6 +140,8 @@ class Channel(Record):
             return f"vsock:{self.port}"
         if self.kind == "serial":
             return f"serial:{self.name}"
+        if self.kind == "none":
+            return "none"
         return f"unix:{self.path}"
 
 

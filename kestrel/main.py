@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 import time
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kestrel.cmdline import Channel
+
 # Blocked from the start so none is lost before the agent's handlers exist
 # (PID 1 silently drops signals it has no handler for); the workload gets an
 # empty mask from posix_spawn. Numbers from signal(7), x86_64.
@@ -63,12 +67,15 @@ def _main(t0: float) -> int:
 
     _signal.pthread_sigmask(_SIG_BLOCK, _BLOCKED)
     from kestrel import boot, spawn
-    from kestrel.cmdline import BootConfig, CmdlineError, boot_config
+    from kestrel.cmdline import BootConfig, Channel, CmdlineError, boot_config, parse_cmdline
     from kestrel.manifest import ManifestError, load_manifest
 
     spawn.seal_inherited_fds()
     fatal: str | None = None
-    cfg = BootConfig(None)
+    # Until the command line is understood there is no channel: a fatal
+    # report goes only where the command line explicitly says (never to the
+    # vsock default, which on a machine that is not our VM reaches a stranger).
+    cfg = BootConfig(None, channel=Channel("none"))
     manifest = None
     mounted = boot.ensure_mounts()
     with open("/proc/cmdline", "rb") as f:
@@ -81,7 +88,10 @@ def _main(t0: float) -> int:
             manifest = load_manifest(cfg.manifest_json)
             if manifest.workload is None:
                 fatal = "manifest: workload: is required for kestrel to start anything"
-    except (CmdlineError, ManifestError) as exc:
+    except CmdlineError as exc:
+        fatal = str(exc)
+        cfg = BootConfig(None, channel=_explicit_channel(parse_cmdline(text)))
+    except ManifestError as exc:
         fatal = str(exc)
     try:
         boot.link_up("lo")
@@ -122,6 +132,15 @@ def _main(t0: float) -> int:
     a = agent_mod.Agent(cfg, manifest, timeline=timeline, boot_id=_boot_id())
     a.workload_env = env
     return trio.run(agent_mod.run, a, child, error, fatal)
+
+
+def _explicit_channel(params: dict[str, str]) -> Channel:
+    from kestrel.cmdline import Channel, CmdlineError, parse_channel
+
+    try:
+        return parse_channel(params["kestrel.channel"])
+    except (KeyError, CmdlineError):
+        return Channel("none")
 
 
 def _poweroff(status: int) -> None:

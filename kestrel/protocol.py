@@ -322,9 +322,13 @@ class GuestSession:
         self.next_seq = 1
         self.attached = False
         self.dropped_total = 0
+        # Highest seq already counted in dropped_total: a range announced
+        # again (its dropped record was itself pushed out) is not lost twice.
+        self._counted_through = 0
         self._max_bytes = max_buffer_bytes
         self._max_records = max_buffer_records
-        self._buffer: deque[tuple[int, bytes]] = deque()
+        # (seq, frame, (first, last) if the record is a Dropped else None)
+        self._buffer: deque[tuple[int, bytes, tuple[int, int] | None]] = deque()
         self._buffered_bytes = 0
         self._decoder = FrameDecoder()
 
@@ -346,15 +350,16 @@ class GuestSession:
         assert not msg.SEQUENCED
         return encode(msg) if self.attached else b""
 
-    def _keep(self, msg: Message) -> bytes:
+    def _keep(self, msg: Message, *, trim: bool = True) -> bytes:
         msg.seq = self.next_seq  # type: ignore[attr-defined]
         self.next_seq += 1
         frame = encode(msg)
-        self._buffer.append((msg.seq, frame))  # type: ignore[attr-defined]
+        span = (msg.first_seq, msg.last_seq) if isinstance(msg, Dropped) else None
+        self._buffer.append((msg.seq, frame, span))  # type: ignore[attr-defined]
         self._buffered_bytes += len(frame)
         # Past the bound the oldest record goes. Whether that loses anything
         # is only known at the next attach, when the host says what it holds.
-        while self._buffer and (
+        while trim and self._buffer and (
             self._buffered_bytes > self._max_bytes or len(self._buffer) > self._max_records
         ):
             self._buffered_bytes -= len(self._buffer.popleft()[1])
@@ -401,13 +406,25 @@ class GuestSession:
             )
         )
         # Records between the host's last one and our oldest kept one were
-        # pushed out by the bound: account for them before replaying.
+        # pushed out by the bound: announce them before replaying, except
+        # the ranges that dropped records still in the buffer announce.
         oldest = self._buffer[0][0] if self._buffer else self.next_seq
-        if msg.last_seq + 1 < oldest:
-            first, last = msg.last_seq + 1, oldest - 1
-            self.dropped_total += last - first + 1
-            self._keep(Dropped(count=last - first + 1, first_seq=first, last_seq=last))
-        for _seq, frame in self._buffer:
+        announced = sorted(span for _seq, _frame, span in self._buffer if span is not None)
+        start = msg.last_seq + 1
+        gaps: list[tuple[int, int]] = []
+        for first, last in [*announced, (oldest, oldest)]:
+            if first > start:
+                gaps.append((start, min(first, oldest) - 1))
+            start = max(start, last + 1)
+        for first, last in gaps:
+            self.dropped_total += max(0, last - max(first - 1, self._counted_through))
+            self._counted_through = max(self._counted_through, last)
+            # No trim: announcing a loss must not push out a record the host
+            # has not seen yet (that loss would go unannounced).
+            self._keep(
+                Dropped(count=last - first + 1, first_seq=first, last_seq=last), trim=False
+            )
+        for _seq, frame, _span in self._buffer:
             out += frame
         return bytes(out)
 

@@ -132,7 +132,7 @@ async def run_kestrel(
         "setpriv", "--bounding-set", "-sys_module",
         "unshare", "-pfmun", "--mount-proc", "--kill-child",
         "sh", "-c",
-        f'mount --bind "$0" /proc/cmdline && exec "$1" -I -c "$2"',
+        'mount --bind "$0" /proc/cmdline && exec "$1" -I -c "$2"',
         str(tmp / "cmdline"), sys.executable, boot,
     ]
     k = Kestrel(run)

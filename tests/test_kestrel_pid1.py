@@ -219,7 +219,8 @@ async def test_background_child_gets_term_then_kill_after_main_exits() -> None:
 async def test_spawn_hygiene_mask_dispositions_fds_group_cwd() -> None:
     # The workload is the shell (dash), which changes no disposition when not
     # interactive; `ls` and `pwd` are builtins or exec'd after the checks.
-    script = ("grep -E '^Sig(Blk|Ign)' /proc/$$/status; echo fds-begin; ls /proc/$$/fd; echo fds-end; "
+    script = ("grep -E '^Sig(Blk|Ign)' /proc/$$/status; "
+              "echo fds-begin; ls /proc/$$/fd; echo fds-end; "
               "echo pgid $(cut -d' ' -f5 /proc/$$/stat) pid $$; echo cwd $(pwd); "
               "echo stdin $(readlink /proc/$$/fd/0)")
     run = await run_kestrel(manifest(["/bin/sh", "-c", script], workdir="/usr"))
