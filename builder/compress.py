@@ -10,6 +10,7 @@ input, the level and the zstd version.
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -85,7 +86,8 @@ def open_image(path: Path) -> Iterator[BinaryIO]:
             with gzip.GzipFile(fileobj=f, mode="rb") as gz:
                 yield gz  # type: ignore[misc]
         else:
-            # The file itself is zstd's stdin (seek(0) rewound the descriptor).
+            # The file itself is zstd's stdin; rewind the descriptor, not just the buffer.
+            os.lseek(f.fileno(), 0, os.SEEK_SET)
             proc = subprocess.Popen(
                 [zstd_program(), "-q", "-d", "-c"], stdin=f,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
