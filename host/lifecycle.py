@@ -11,18 +11,18 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from host import ipam
 from host.errors import AlreadyExists, BootFailed, MissingKernel, VolarError
 from host.state import LIVE, TERMINAL, Store, Vm, proc_start_time, process_alive
 from kestrel.layout import kernel_dir
+
+if TYPE_CHECKING:
+    import subprocess
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 VMMS = ("qemu", "cloud-hypervisor")
@@ -60,6 +60,8 @@ def resolve_kernel(store: Store, requested: str | None) -> Path:
 
 
 def spawn_monitor(store: Store, vm: Vm, *, boot_timeout: float) -> subprocess.Popen[bytes]:
+    import subprocess
+
     run_dir = Path(vm.run_dir)
     log = open(run_dir / "monitor.log", "ab")  # noqa: SIM115 - handed to the child
     with log:
@@ -99,6 +101,7 @@ def create(
     boot_timeout: float,
     say: Callable[[str], None],
 ) -> Vm:
+    from host import ipam
     from host.plugins import manifest_of
 
     if not NAME_RE.match(name):
@@ -197,6 +200,8 @@ def stop(store: Store, name: str, *, grace: float, timeout: float | None = None)
     vm = store.vm(name)
     if vm.status in TERMINAL:
         return vm
+    import socket
+
     limit = timeout if timeout is not None else grace + 60
     path = Path(vm.run_dir) / CONTROL_SOCKET
     try:
@@ -221,6 +226,8 @@ def stop(store: Store, name: str, *, grace: float, timeout: float | None = None)
 
 
 def delete(store: Store, name: str) -> None:
+    from host import ipam
+
     vm = store.vm(name)
     if vm.status in LIVE:
         vm = stop(store, name, grace=float(vm.stop_grace))

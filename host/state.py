@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,11 +132,11 @@ def process_alive(pid: int, start: int) -> bool:
     return pid > 0 and start > 0 and proc_start_time(pid) == start
 
 
-@dataclass
 class Vm:
     """One row of ``vms`` with helpers for what the commands show."""
 
-    row: dict[str, Any]
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.row = row
 
     def __getattr__(self, key: str) -> Any:
         try:
