@@ -123,6 +123,10 @@ async def run_kestrel(
     if cmdline is None:
         enc = f"volant.manifest={encode_manifest(json.dumps(doc).encode())}" if doc else ""
         cmdline = f"console=ttyS0 {enc} kestrel.channel=unix:{sock} kestrel.hostname=kt {extra}"
+    # Safety: kestrel's default channel is vsock to CID 2, which on this
+    # machine is a hypervisor that is not ours. Every test names its channel.
+    if "kestrel.channel=" not in cmdline or "kestrel.channel=vsock" in cmdline:
+        raise AssertionError("tests must give kestrel.channel=unix:... or serial:...")
     (tmp / "cmdline").write_text(cmdline.strip() + "\n")
     boot = (
         f"import sys; sys.path.insert(0, {str(REPO)!r}); "

@@ -60,8 +60,7 @@ async def test_truncated_command_line_is_reported_as_truncation() -> None:
     # A manifest too big for the kernel's 2048 bytes arrives cut at 2047.
     doc = manifest(["/bin/true"], env={f"K{i}": os.urandom(24).hex() for i in range(80)})
     enc = encode_manifest(json.dumps(doc).encode())
-    sock = "/nonexistent"
-    head = f"console=ttyS0 kestrel.channel=unix:{sock} volant.manifest="
+    head = "console=ttyS0 kestrel.channel=unix:/nonexistent volant.manifest="
     line = (head + enc)[: COMMAND_LINE_SIZE - 1]
     run = await run_kestrel(None, cmdline=line, serve=False)
     assert run.powered_off
