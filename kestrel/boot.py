@@ -158,3 +158,53 @@ def rootfs_device(*, boot: str, cmdline_device: str, manifest_has_rootfs: bool) 
     if manifest_has_rootfs or boot == "rootfs":
         return "/dev/vda"
     return None
+
+
+# Where the rootfs is mounted before the switch, and where the initramfs stays
+# reachable afterwards: the frozen kestrel (and its libc) live there, and the
+# rootfs's own libc may be anything.
+NEWROOT = "/sysroot"
+INITRAMFS_KEPT = "/run/kestrel/initramfs"
+ROOTFS_WAIT_S = 10.0
+STAGE_ENV = "KESTREL_STAGE"
+
+
+def switch_root(device: str, fstype: str, argv: list[str]) -> None:
+    """Mount ``device``, make it /, and exec kestrel again there (stage 2).
+
+    Like switch_root(8), except the initramfs is kept (bind-mounted under
+    /run) instead of deleted: kestrel runs from it, through its own dynamic
+    loader, so nothing of the rootfs's libc is needed. Never returns.
+    """
+    import time
+
+    from kestrel import sysapi
+
+    deadline = time.monotonic() + ROOTFS_WAIT_S
+    while not os.path.exists(device):
+        if time.monotonic() > deadline:
+            raise OSError(2, f"rootfs device {device} did not appear within {ROOTFS_WAIT_S:g} s")
+        time.sleep(0.02)
+    # Paths in argv (the interpreter, the /bin/kestrel script) as seen from the new root.
+    new_argv = [INITRAMFS_KEPT + a if a.startswith("/") and os.path.exists(a) else a
+                for a in argv]
+    loader = "/lib64/ld-linux-x86-64.so.2"
+    libdirs = ":".join(INITRAMFS_KEPT + d for d in (
+        "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/lib", "/usr/lib"))
+    os.makedirs(NEWROOT, exist_ok=True)
+    sysapi.mount(device, NEWROOT, fstype)
+    for m in ("/dev", "/proc", "/sys", "/run"):
+        os.makedirs(NEWROOT + m, exist_ok=True)
+        sysapi.mount(m, NEWROOT + m, "", sysapi.MS_MOVE)
+    os.makedirs(NEWROOT + INITRAMFS_KEPT, exist_ok=True)
+    sysapi.mount("/", NEWROOT + INITRAMFS_KEPT, "", sysapi.MS_BIND)
+    os.chdir(NEWROOT)
+    sysapi.mount(".", "/", "", sysapi.MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+    env = dict(os.environ)
+    env[STAGE_ENV] = "2"
+    if os.path.exists(INITRAMFS_KEPT + loader):
+        os.execve(INITRAMFS_KEPT + loader,
+                  [loader, "--library-path", libdirs, *new_argv], env)
+    os.execve(new_argv[0], new_argv, env)

@@ -7,7 +7,9 @@ Errors are ValueError with the position, like json.loads.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # `typing` imports re: not on the boot path
+if TYPE_CHECKING:
+    from typing import Any
 
 _WS = " \t\n\r"
 

@@ -93,6 +93,17 @@ def _main(t0: float) -> int:
         cfg = BootConfig(None, channel=_explicit_channel(parse_cmdline(text)))
     except ManifestError as exc:
         fatal = str(exc)
+    if fatal is None and manifest is not None and os.environ.get(boot.STAGE_ENV) != "2":
+        device = boot.rootfs_device(boot=cfg.boot, cmdline_device=cfg.rootfs_device,
+                                    manifest_has_rootfs=manifest.rootfs is not None)
+        if device is not None:
+            import sys
+
+            _console(f"kestrel: switching root to {device} ({cfg.rootfs_fstype})")
+            try:
+                boot.switch_root(device, cfg.rootfs_fstype, list(sys.orig_argv))
+            except OSError as exc:
+                fatal = f"rootfs: {exc}"
     try:
         boot.link_up("lo")
     except OSError as exc:

@@ -1,0 +1,112 @@
+"""Pure pieces of kestrel's runtime: boot-mode decisions, exit forms, URLs, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kestrel import jsonlite
+from kestrel.boot import rootfs_device
+from kestrel.health import split_base_url
+from kestrel.reaper import ExitStatus
+
+
+@pytest.mark.parametrize(
+    ("boot", "device", "has_rootfs", "expected"),
+    [
+        ("auto", "", False, None),  # initramfs plugin: stay, even if a data disk exists
+        ("auto", "vdb", False, "/dev/vdb"),  # the host named it
+        ("auto", "", True, "/dev/vda"),  # a rootfs plugin
+        ("initramfs", "vda", True, None),  # explicitly stay
+        ("rootfs", "", False, "/dev/vda"),
+    ],
+)
+def test_only_a_named_rootfs_is_pivoted_into(
+    boot: str, device: str, has_rootfs: bool, expected: str | None
+) -> None:
+    assert rootfs_device(boot=boot, cmdline_device=device, manifest_has_rootfs=has_rootfs) == (
+        expected
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "sig", "shell", "text"),
+    [
+        (0, 0, None, 0, "exited 0"),
+        (3 << 8, 3, None, 3, "exited 3"),
+        (255 << 8, 255, None, 255, "exited 255"),
+        (15, None, 15, 143, "killed by SIGTERM (status 143)"),
+        (9 | 0x80, None, 9, 137, "killed by SIGKILL (status 137)"),  # with core flag
+    ],
+)
+def test_exit_status_has_raw_and_shell_forms(
+    status: int, code: int | None, sig: int | None, shell: int, text: str
+) -> None:
+    e = ExitStatus.from_wait(status)
+    assert (e.code, e.signal, e.shell, e.describe()) == (code, sig, shell, text)
+
+
+def test_split_base_url() -> None:
+    assert split_base_url("http://127.0.0.1:80") == ("127.0.0.1", 80, "")
+    assert split_base_url("http://localhost") == ("localhost", 80, "")
+    assert split_base_url("http://[::1]:8080/api") == ("::1", 8080, "/api")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_fuzz_jsonlite_agrees_with_json(value: object) -> None:
+    text = json.dumps(value)
+    assert jsonlite.loads(text) == json.loads(text)
+
+
+@given(st.text(max_size=200) | st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
+def test_fuzz_jsonlite_rejects_what_json_rejects(text: str) -> None:
+    try:
+        expected = json.loads(text)
+    except (ValueError, RecursionError):
+        with pytest.raises(ValueError):
+            jsonlite.loads(text)
+    else:
+        if not any(c in text for c in ("NaN", "Infinity")):
+            assert jsonlite.loads(text) == expected
+
+
+def test_boot_path_imports_nothing_heavy() -> None:
+    # Everything main.py runs before spawning the workload, on a real manifest:
+    # none of these may be imported by then (each costs ms of boot time).
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import sys
+        from kestrel import boot, spawn
+        from kestrel.cmdline import boot_config, encode_manifest, parse_cmdline
+        from kestrel.manifest import load_manifest
+        doc = (b'{"name":"c","version":"1","initramfs":{"url":"/x"},"workload":'
+               b'{"type":"http","entrypoint":["/bin/true"],"base_url":"http://127.0.0.1:80",'
+               b'"env":{"A":"b"}},"health_check":{"endpoint":"/","timeout_ms":100}}')
+        cfg = boot_config("volant.manifest=" + encode_manifest(doc) + " kestrel.channel=unix:/x "
+                          "volant.env=eyJBIjogIjEifQ "
+                          "ip=10.0.2.15::10.0.2.2:255.255.255.0:h:eth0:off")
+        m = load_manifest(cfg.manifest_json)
+        spawn.workload_env({}, cfg.env, m.workload.env)
+        boot.rootfs_device(boot=cfg.boot, cmdline_device="", manifest_has_rootfs=False)
+        heavy = {"typing", "re", "json", "dataclasses", "enum", "inspect", "trio", "ctypes",
+                 "signal", "socket", "contextlib", "msgpack"}
+        print(sorted(heavy & set(sys.modules)))
+    """)
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), check=True).stdout
+    assert out.strip() == "[]"
