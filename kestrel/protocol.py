@@ -189,7 +189,11 @@ class Timeline(Message):
 
 @dataclass(slots=True)
 class Dropped(Message):
-    """Records first_seq..last_seq were lost to the replay bound."""
+    """Records first_seq..last_seq were lost to the replay bound.
+
+    Sent right after ``hello``, before the replay; its seq is last_seq, the
+    last record it stands for.
+    """
 
     TYPE: ClassVar[str] = "dropped"
     SEQUENCED: ClassVar[bool] = True
@@ -323,12 +327,11 @@ class GuestSession:
         self.attached = False
         self.dropped_total = 0
         # Highest seq already counted in dropped_total: a range announced
-        # again (its dropped record was itself pushed out) is not lost twice.
+        # again (the host missed the first announcement) is not lost twice.
         self._counted_through = 0
         self._max_bytes = max_buffer_bytes
         self._max_records = max_buffer_records
-        # (seq, frame, (first, last) if the record is a Dropped else None)
-        self._buffer: deque[tuple[int, bytes, tuple[int, int] | None]] = deque()
+        self._buffer: deque[tuple[int, bytes]] = deque()
         self._buffered_bytes = 0
         self._decoder = FrameDecoder()
 
@@ -350,16 +353,15 @@ class GuestSession:
         assert not msg.SEQUENCED
         return encode(msg) if self.attached else b""
 
-    def _keep(self, msg: Message, *, trim: bool = True) -> bytes:
+    def _keep(self, msg: Message) -> bytes:
         msg.seq = self.next_seq  # type: ignore[attr-defined]
         self.next_seq += 1
         frame = encode(msg)
-        span = (msg.first_seq, msg.last_seq) if isinstance(msg, Dropped) else None
-        self._buffer.append((msg.seq, frame, span))  # type: ignore[attr-defined]
+        self._buffer.append((msg.seq, frame))  # type: ignore[attr-defined]
         self._buffered_bytes += len(frame)
         # Past the bound the oldest record goes. Whether that loses anything
         # is only known at the next attach, when the host says what it holds.
-        while trim and self._buffer and (
+        while self._buffer and (
             self._buffered_bytes > self._max_bytes or len(self._buffer) > self._max_records
         ):
             self._buffered_bytes -= len(self._buffer.popleft()[1])
@@ -406,25 +408,19 @@ class GuestSession:
             )
         )
         # Records between the host's last one and our oldest kept one were
-        # pushed out by the bound: announce them before replaying, except
-        # the ranges that dropped records still in the buffer announce.
+        # pushed out by the bound: announce them before the replay. The
+        # announcement is not buffered (it is worked out again at every attach
+        # from what the host holds) and carries the seq of the last record it
+        # stands for, so the host's position moves past the range: a second
+        # attach before the host got it announces the range again, never twice
+        # to the host, and it can never push out a record of its own.
         oldest = self._buffer[0][0] if self._buffer else self.next_seq
-        announced = sorted(span for _seq, _frame, span in self._buffer if span is not None)
-        start = msg.last_seq + 1
-        gaps: list[tuple[int, int]] = []
-        for first, last in [*announced, (oldest, oldest)]:
-            if first > start:
-                gaps.append((start, min(first, oldest) - 1))
-            start = max(start, last + 1)
-        for first, last in gaps:
+        if msg.last_seq + 1 < oldest:
+            first, last = msg.last_seq + 1, oldest - 1
             self.dropped_total += max(0, last - max(first - 1, self._counted_through))
             self._counted_through = max(self._counted_through, last)
-            # No trim: announcing a loss must not push out a record the host
-            # has not seen yet (that loss would go unannounced).
-            self._keep(
-                Dropped(count=last - first + 1, first_seq=first, last_seq=last), trim=False
-            )
-        for _seq, frame, _span in self._buffer:
+            out += encode(Dropped(count=last - first + 1, first_seq=first, last_seq=last, seq=last))
+        for _seq, frame in self._buffer:
             out += frame
         return bytes(out)
 
@@ -440,6 +436,7 @@ class HostSession:
     def __init__(self, *, last_seq: int = 0) -> None:
         self.last_seq = last_seq
         self.lost = 0  # records never received and never accounted for
+        self.dropped = 0  # records the guest announced as lost to its replay bound
         self.duplicates = 0
         self.hello: Hello | None = None
         self._acked = last_seq
@@ -460,12 +457,13 @@ class HostSession:
                 if seq <= self.last_seq:
                     self.duplicates += 1
                     continue
-                if seq > self.last_seq + 1:
-                    self.lost += seq - self.last_seq - 1
-                self.last_seq = seq
+                # A dropped record stands for first_seq..seq: explained, not lost.
+                first = msg.first_seq if isinstance(msg, Dropped) else seq
+                if first > self.last_seq + 1:
+                    self.lost += first - self.last_seq - 1
                 if isinstance(msg, Dropped):
-                    # The guest accounts for these: they are explained, not lost.
-                    self.lost -= min(self.lost, msg.count)
+                    self.dropped += seq - max(first - 1, self.last_seq)
+                self.last_seq = seq
             elif isinstance(msg, Hello):
                 self.hello = msg
             out.append(msg)
