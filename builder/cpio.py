@@ -87,6 +87,8 @@ def write_archive(entries: Iterable[Entry], out: BinaryIO, *, mtime: int = DEFAU
         key = sort_key(entry)
         if not key:
             raise CpioError("an entry may not be the root directory itself")
+        if ".." in key:
+            raise CpioError(f"{entry.name}: '..' in an archive name")
         if key == previous:
             raise CpioError(f"duplicate entry {entry.path}")
         previous = key
