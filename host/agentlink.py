@@ -92,19 +92,27 @@ class AgentLink:
         """One connection: attach, then store and ack until EOF."""
         self.connections += 1
         self.stream = stream
+        opened = time.monotonic()
+        print(f"agent: connection {self.connections} open, attach last_seq="
+              f"{self.session.last_seq}", flush=True)
         await self._send(self.session.attach())
         greeted = False
+        reattached = 0
         while True:
             with trio.move_on_after(REATTACH_S) as idle:
                 data = await stream.receive_some(RECEIVE_SIZE)
             if idle.cancelled_caught:
                 if not greeted:
+                    reattached += 1
                     await self._send(encode(Attach(last_seq=self.session.last_seq)))
                 continue
             if not data:
                 return
             messages = self.session.receive(bytes(data))
-            greeted = greeted or any(isinstance(m, Hello) for m in messages)
+            if not greeted and any(isinstance(m, Hello) for m in messages):
+                greeted = True
+                print(f"agent: hello {time.monotonic() - opened:.2f} s after connecting "
+                      f"({reattached} attach re-sent)", flush=True)
             self.record(messages)
             ack = self.session.ack()
             if ack:

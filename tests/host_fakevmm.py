@@ -122,6 +122,9 @@ class Guest:
             await trio.sleep(0.3)
             print("Kernel panic - not syncing: fake", flush=True)
             return 3  # dies before kestrel ever answers, like a kernel panic
+        if "FAKE_SILENT" in self.cmdline_manifest_env():
+            print("fake guest: hangs before kestrel starts", flush=True)
+            await trio.sleep_forever()
         sock = self.run_dir / "agent.sock"
         sock.unlink(missing_ok=True)
         s = trio.socket.socket(trio.socket.AF_UNIX)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -220,3 +222,53 @@ def test_list_with_100_vms(installed: Volar) -> None:
                 " '/k', '/i', '/r', ?, ?)", (f"vm{i:03d}", time.time(), time.time()))
     lines = installed.ok("vms", "list").splitlines()
     assert len(lines) == 101 and lines[1].split()[0] == "vm000"
+
+
+def test_logs_follow_ends_when_the_vm_stops(installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    _wait_logs(installed, "caddy-demo", 6)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "host.cli", "--state-dir", str(installed.state),
+         "vms", "logs", "-f", "caddy-demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    installed.ok("vms", "stop", "caddy-demo", "--grace", "1")
+    out, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0
+    assert out.split() == [b"out1", b"out2", b"out3"] and err.split() == [b"err1", b"err2", b"err3"]
+    assert "fake guest: booting" in installed.ok("vms", "console", "caddy-demo")
+    installed.ok("vms", "delete", "caddy-demo")
+
+
+def test_silent_guest_fails_at_the_boot_deadline_and_stop_before_hello(
+    volar: Volar, tmp_path: Path, kernel: Path
+) -> None:
+    volar.ok("plugins", "install", "--manifest", str(write_plugin(
+        tmp_path / "p", env={"FAKE_SILENT": "1"})))
+    r = volar("vms", "create", "mute", "--plugin", "caddy", "--kernel", str(kernel),
+              "--vmm", FAKE_VMM, "--timeout", "2")
+    assert r.code != 0
+    assert "no hello from kestrel within 2 s" in r.err
+    assert "hangs before kestrel starts" in r.err  # console tail
+    assert volar.json("vms", "show", "mute")["status"] == "failed"
+    volar.ok("vms", "delete", "mute")
+
+
+def test_stop_while_booting_kills_the_vmm(volar: Volar, tmp_path: Path, kernel: Path) -> None:
+    volar.ok("plugins", "install", "--manifest", str(write_plugin(
+        tmp_path / "p", env={"FAKE_SILENT": "1"})))
+    create = subprocess.Popen(
+        [sys.executable, "-m", "host.cli", "--state-dir", str(volar.state), "vms", "create",
+         "slow", "--plugin", "caddy", "--kernel", str(kernel), "--vmm", FAKE_VMM,
+         "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while True:
+        r = volar("vms", "show", "slow", "--json")
+        if r.code == 0 and '"status": "starting"' in r.out and '"vmm_pid": 0' not in r.out:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert volar.ok("vms", "stop", "slow", "--grace", "1").startswith("VM slow stopped")
+    _, err = create.communicate(timeout=30)
+    assert create.returncode != 0 and "VM slow stopped" in err
+    vmm_pid = volar.json("vms", "show", "slow")["vmm_pid"]
+    assert vmm_pid == 0  # the monitor reaped it
+    volar.ok("vms", "delete", "slow")
