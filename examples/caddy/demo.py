@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,10 +49,14 @@ def run(cmd: list[str], *, env: dict[str, str], capture: bool = False) -> str:
     return done.stdout or ""
 
 
-def get_until_ok(url: str, *, deadline: float) -> str:
-    """GET ``url`` until it answers 200; the workload may still be starting."""
+def get_until_ok(url: str, *, deadline: float, alive: Callable[[], None] = lambda: None) -> str:
+    """GET ``url`` until it answers 200; the workload may still be starting.
+
+    ``alive()`` raises when the VM is gone, so a crash fails fast.
+    """
     last = "no attempt"
     while time.monotonic() < deadline:
+        alive()
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 body: bytes = r.read()
@@ -64,9 +69,10 @@ def get_until_ok(url: str, *, deadline: float) -> str:
     raise DemoError(f"{url} did not answer 200 in time (last: {last})")
 
 
-def demo(*, keep: bool = False, timeout: float = 240.0) -> str:
+def demo(*, work: Path = WORK, keep: bool = False, timeout: float = 240.0) -> str:
+    """Run the walkthrough in ``work`` (state, manifest copy, image); return Caddy's answer."""
     env = dict(os.environ)
-    env["VOLAR_STATE_DIR"] = str(WORK / "state")
+    env["VOLAR_STATE_DIR"] = str(work / "state")
     env.setdefault("KESTREL_KERNEL_DIR", str(ROOT / ".cache" / "kernel"))
     volar = tool("volar", "host.cli")
     fledge = tool("fledge", "builder.cli")
@@ -75,13 +81,13 @@ def demo(*, keep: bool = False, timeout: float = 240.0) -> str:
     fetch_caddy()
     # The manifest is copied so the build's checksum lands in .cache, not in git;
     # its relative initramfs url (../plugin.cpio.gz) still points at the build.
-    manifest = WORK / "manifest" / "caddy.json"
+    manifest = work / "manifest" / "caddy.json"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(HERE / "manifest" / "caddy.json", manifest)
 
     print("== 2. fledge build", flush=True)
-    run([*fledge, "build", "-c", str(HERE / "fledge.toml"), "-o", str(WORK / "plugin.cpio.gz"),
-         "--update-manifest", str(manifest)], env=env)
+    run([*fledge, "build", "-c", str(HERE / "fledge.toml"), "-o", str(work / "plugin.cpio.gz"),
+         "--update-manifest", str(manifest), "--url", "../plugin.cpio.gz"], env=env)
     checksum = json.loads(manifest.read_text())["initramfs"].get("checksum", "")
     print(f"   manifest checksum: {checksum}")
 
@@ -103,7 +109,15 @@ def demo(*, keep: bool = False, timeout: float = 240.0) -> str:
             raise DemoError(f"volar reports no address for {VM} (status {info.get('status')})")
 
         print(f"== 5. curl http://{address}/", flush=True)
-        answer = get_until_ok(f"http://{address}/", deadline=started + timeout)
+        def alive() -> None:
+            out = subprocess.run([*volar, "vms", "show", VM, "--json"], env=env, cwd=ROOT,
+                                 capture_output=True, text=True, check=False).stdout
+            info = json.loads(out) if out.strip() else {}
+            if info.get("status") in ("stopped", "crashed", "failed"):
+                raise DemoError(f"{VM} is {info.get('status')}: {info.get('detail') or ''}"
+                                f"{info.get('fatal') or ''} (see volar vms console {VM})")
+
+        answer = get_until_ok(f"http://{address}/", deadline=started + timeout, alive=alive)
         print(answer.strip())
         print(f"   (first answer {time.monotonic() - started:.1f} s after vms create)")
         if EXPECTED not in answer:
