@@ -249,10 +249,16 @@ def check_libraries(tree: ImageTree, config: Config, *, copy: bool, extra_search
             progress.item(f"{src} -> {dest} (from the build host)")
         closure = _closure(tree, extra_search)
     if closure.missing:
-        parts = []
+        needers: dict[str, list[str]] = {}
+        hosts: dict[str, Path | None] = {}
         for m in closure.missing:
-            where = f"host has {m.host_path}" if m.host_path else "not on this host either"
-            parts.append(f"{m.soname} (needed by {m.needed_by}; {where})")
+            needers.setdefault(m.soname, []).append(m.needed_by)
+            hosts[m.soname] = m.host_path
+        parts = []
+        for soname, users in needers.items():
+            host = hosts[soname]
+            where = f"host has {host}" if host else "not on this host either"
+            parts.append(f"{soname} (needed by {', '.join(users)}; {where})")
         hint = ("" if copy else "; add them to [mappings], or set [libraries] copy_from_host "
                 "= true (or --copy-host-libs)")
         raise BuildError("libraries", config.file,

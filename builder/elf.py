@@ -187,7 +187,7 @@ def find_library(
         real = resolve_in_root(root, soname)
         return (soname, real) if real is not None and real.is_file() else None
     for d in _search_dirs(needer, needer_image_path, extra_search):
-        image_path = str(PurePosixPath(d) / soname)
+        image_path = os.path.normpath(str(PurePosixPath("/", d) / soname))
         real = resolve_in_root(root, image_path)
         if real is not None and real.is_file() and _compatible(real, needer):
             return image_path, real
