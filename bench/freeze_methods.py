@@ -10,6 +10,7 @@ base image (shim + busybox + frozen kestrel + modules) when a kernel is availabl
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import os
 import statistics
@@ -99,9 +100,7 @@ def _zero_meta(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 
 def build_pyinstaller(program: Path, work: Path) -> Path | None:
-    try:
-        import PyInstaller  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("PyInstaller") is None:
         print("PyInstaller not installed: method (b) skipped")
         return None
     dist = work / "dist"
