@@ -7,20 +7,17 @@ test into a skip that names it.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import fledge_build
 
 from host.kernel import KernelError, KernelInfo, fetch_kernel
 
 BUSYBOX = Path("/bin/busybox")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -63,23 +60,6 @@ def run_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
         print(f"kept run directory {path}")
     else:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def fledge(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the fledge CLI from this checkout (skip when it has not landed)."""
-    if importlib.util.find_spec("builder.cli") is None:
-        pytest.skip("fledge's CLI (builder/cli.py) is not in this checkout")
-    cmd = [sys.executable, "-m", "builder.cli", *args]
-    print("$ fledge " + " ".join(args), flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
-    print(done.stdout + done.stderr, flush=True)
-    return done
-
-
-def fledge_build(toml: Path, out: Path, *extra: str) -> Path:
-    done = fledge("build", "-c", str(toml), "-o", str(out), *extra)
-    assert done.returncode == 0, f"fledge build -c {toml} failed:\n{done.stderr}"
-    return out
 
 
 GENERIC_TOML = """\

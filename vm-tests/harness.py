@@ -9,6 +9,8 @@ directory it keeps and the console tail, so the boot can be reproduced.
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 import trio
 
 from host.qemu import QemuDriver
 from host.vmm import LaunchSpec, Running, VmmError
 from kestrel.protocol import Hello, HostSession, Message, ProtocolError, Signal, Stop
 
+REPO = Path(__file__).resolve().parents[1]
 # Re-send attach while nothing came back: bytes the host writes before the
 # guest opens its virtio-serial port can be lost.
 REATTACH_S = 2.0
@@ -325,4 +329,23 @@ def busybox_image(
         entries[name] = cpio.regular(name, 0o755, data=data)
     with open(out, "wb") as f:
         cpio.write_archive(sorted(entries.values(), key=cpio.sort_key), f)
+    return out
+
+
+# --- fledge ---------------------------------------------------------------------
+
+def fledge(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the fledge CLI from this checkout (skip when it has not landed)."""
+    if importlib.util.find_spec("builder.cli") is None:
+        pytest.skip("fledge's CLI (builder/cli.py) is not in this checkout")
+    cmd = [sys.executable, "-m", "builder.cli", *args]
+    print("$ fledge " + " ".join(args), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
+    print(done.stdout + done.stderr, flush=True)
+    return done
+
+
+def fledge_build(toml: Path, out: Path, *extra: str) -> Path:
+    done = fledge("build", "-c", str(toml), "-o", str(out), *extra)
+    assert done.returncode == 0, f"fledge build -c {toml} failed:\n{done.stderr}"
     return out
