@@ -41,7 +41,7 @@ def frozen(tmp_path_factory: pytest.TempPathFactory) -> FrozenAgent:
 
 
 def run_in_empty_root(
-    frozen: FrozenAgent, base: Path, program: str
+    frozen: FrozenAgent, base: Path, program: str, *, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run *program* with the bundle's python as PID 1 in a root holding only the frozen
     tree, /bin/busybox and the program."""
@@ -66,7 +66,7 @@ def run_in_empty_root(
     return subprocess.run(
         [str(shutil.which("setpriv")), "--bounding-set", "-sys_module",
          str(shutil.which("unshare")), "-pfmun", "--mount-proc", "/bin/sh", str(script)],
-        capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", **(env or {})},
     )
 
 
@@ -134,6 +134,19 @@ def test_using_tls_fails_with_a_clear_error(frozen: FrozenAgent, tmp_path: Path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ("ERROR: ssl.create_default_context: TLS is not available in kestrel's frozen agent"
             in proc.stdout)
+
+
+def test_a_locale_the_image_lacks_falls_back_to_utf8(
+    frozen: FrozenAgent, tmp_path: Path
+) -> None:
+    # The image has no /usr/lib/locale: whatever LANG the kernel passes, the agent must
+    # start (Nuitka aborts here) and speak UTF-8.
+    proc = run_in_empty_root(frozen, tmp_path, """
+        import sys
+        print("UTF8", sys.flags.utf8_mode, sys.stdout.encoding, "\u00e9")
+    """, env={"LANG": "de_DE.UTF-8", "LC_ALL": "en_US.UTF-8"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "UTF8 1 utf-8 \u00e9" in proc.stdout
 
 
 def test_agent_entry_point_is_a_script_for_the_bundled_python(frozen: FrozenAgent) -> None:
