@@ -39,7 +39,10 @@ class Guest:
     async def emit(self, msg: Message) -> None:
         frame = self.session.record(msg)
         if frame and self.stream is not None:
-            await self.stream.send_all(frame)
+            try:
+                await self.stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # kept in the replay buffer; the next attach gets it
 
     async def serve(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -129,8 +132,9 @@ async def test_reconnect_replays_without_loss_or_duplicates(tmp_path: Path) -> N
             await guest.emit(Log(stream="stdout", data=b"%d\n" % i))
         await _until(lambda: link.session.last_seq >= 10)
         # The transport breaks; the guest keeps producing while detached.
-        assert guest.stream is not None
-        await guest.stream.aclose()
+        broken, guest.stream = guest.stream, None
+        assert broken is not None
+        await broken.aclose()
         for i in range(10, 20):
             await guest.emit(Log(stream="stderr", data=b"%d\n" % i))
         await _until(lambda: driver.opened >= 2 and link.session.last_seq >= 20)
