@@ -53,13 +53,21 @@ DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "h11": ("h11",),
 }
 
-# Imported at run time, after start-up, by the interpreter or on error paths that the
-# import probe does not take: codecs that open()/bytes.decode may look up, and the
-# traceback machinery kestrel's panic path prints with.
+# Imported at run time by the interpreter or on paths the import probe does not take.
+# Codecs are looked up by name (encodings.search_function): _socket.getaddrinfo
+# encodes every str host with "idna", even "127.0.0.1" (found by a VM test: health
+# probes died with "unknown encoding: idna"); open() and bytes.decode may name the
+# others. traceback/linecache print kestrel's panic.
 EXTRA_STDLIB = (
+    "encodings.idna",
+    "encodings.punycode",
     "encodings.ascii",
     "encodings.latin_1",
     "encodings.utf_8_sig",
+    "encodings.utf_16",
+    "encodings.utf_32",
+    "encodings.unicode_escape",
+    "encodings.raw_unicode_escape",
     "traceback",
     "linecache",
 )

@@ -94,6 +94,11 @@ def test_bundle_runs_trio_msgpack_psutil_h11_as_pid_1_in_an_empty_root(
         pid = os.posix_spawn("/bin/busybox", ["busybox", "true"], {})
         assert os.waitpid(pid, 0)[1] == 0
         assert psutil.Process().memory_info().rss > 0
+        # _socket encodes every str host with the idna codec, numeric ones included.
+        import socket
+        assert socket.getaddrinfo("127.0.0.1", 80, type=socket.SOCK_STREAM)
+        for codec in ("ascii", "latin-1", "utf-8-sig", "utf-16", "utf-32", "idna"):
+            "x".encode(codec)
         outside = sorted(
             name for name, m in sys.modules.items()
             if getattr(getattr(m, "__spec__", None), "origin", None) not in
