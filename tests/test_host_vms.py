@@ -272,3 +272,24 @@ def test_stop_while_booting_kills_the_vmm(volar: Volar, tmp_path: Path, kernel: 
     vmm_pid = volar.json("vms", "show", "slow")["vmm_pid"]
     assert vmm_pid == 0  # the monitor reaped it
     volar.ok("vms", "delete", "slow")
+
+
+def test_missing_qemu_is_reported_by_the_monitor(installed: Volar, kernel: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    r = installed("vms", "create", "q", "--plugin", "caddy", "--kernel", str(kernel),
+                  "--vmm", "qemu", "--timeout", "30")
+    assert r.code != 0
+    assert "qemu-system-x86_64 not found" in r.err
+    assert installed.json("vms", "show", "q")["status"] == "failed"
+    installed.ok("vms", "delete", "q")
+
+
+def test_control_socket_is_private(installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    try:
+        run_dir = Path(installed.json("vms", "show", "caddy-demo")["run_dir"])
+        assert (run_dir / "control.sock").stat().st_mode & 0o777 == 0o600
+        assert run_dir.stat().st_mode & 0o777 == 0o700
+    finally:
+        installed.ok("vms", "delete", "caddy-demo")
