@@ -86,7 +86,8 @@ int main(int argc, char **argv) {
         perror(argv[4]);
         return 127;
     }
-    fprintf(stderr, "usage: wl stamp FILE | flood BYTES [SLEEP] | sleep S | launch ROOT STAMP PROG...\n");
+    fputs("usage: wl stamp FILE | flood BYTES [SLEEP] | sleep S | launch ROOT STAMP PROG...\n",
+          stderr);
     return 2;
 }
 """

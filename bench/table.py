@@ -111,7 +111,7 @@ def render(figures: list[Figure]) -> str:
         if f.note:
             notes.append(f"{f.figure}: {f.note}")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [line.format(*head), line.format(*("-" * w for w in widths))]
     out += [line.format(*r) for r in rows]
     if notes:
