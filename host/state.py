@@ -190,9 +190,21 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def _current_version(self) -> int:
+        exists = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
+        if not exists:
+            return 0
+        return int(self.db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
+
     def _migrate(self) -> None:
-        self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        # The common case reads only: every command opens the store, and a
+        # write lock here would queue behind monitors writing log records.
+        if self._current_version() == len(MIGRATIONS):
+            return
         self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         try:
             row = self.db.execute("SELECT MAX(version) FROM schema_version").fetchone()
             current = row[0] or 0
