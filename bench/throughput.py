@@ -10,6 +10,7 @@ can be placed on the wire format or on the agent.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def _through_pipe(wl: str, nbytes: int) -> float:
     proc = subprocess.Popen([wl, "flood", str(nbytes)], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     total, t0 = 0, 0.0
-    while chunk := proc.stdout.read1(1 << 20):
+    fd = proc.stdout.fileno()
+    while chunk := os.read(fd, 1 << 20):
         if not total:
             t0 = time.monotonic()
         total += len(chunk)
