@@ -178,7 +178,13 @@ def wait_for_boot(store: Store, name: str, proc: subprocess.Popen[bytes], *,
             if vm.status in UP:
                 return vm
             if vm.status not in TERMINAL:
-                store.set_status(name, "crashed", f"monitor exited with {proc.returncode}")
+                log = Path(vm.run_dir) / "monitor.log"
+                try:
+                    tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+                except OSError:
+                    tail = []
+                store.set_status(name, "crashed", f"monitor exited with {proc.returncode}"
+                                 + "".join(f"\n{line}" for line in tail))
             raise BootFailed(_failure(store.vm(name)))
         if time.monotonic() > deadline:
             stop(store, name, grace=0)
