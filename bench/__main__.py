@@ -1,0 +1,144 @@
+"""`python -m bench` (`make bench`): every figure, one table, and bench/results.json.
+
+Each figure is the median of repeated runs with its spread and a baseline
+measured in the same run; the ratio decides. A figure whose prerequisite is
+missing prints n/a with the reason. `--only P1,P6` runs a subset; `--quick`
+cuts the repetitions (for a smoke run, not for numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import REPO
+from bench.table import Figure, Spread, render, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def _boot_module() -> Any:
+    try:
+        import bench.boot as boot
+    except ImportError as exc:
+        raise RuntimeError(f"bench/boot.py is not there yet ({exc})") from None
+    return boot
+
+
+def p1(runs: int) -> list[Figure]:
+    from bench import startup
+
+    return [startup.measure(runs)]
+
+
+def p1_guest(runs: int) -> list[Figure]:
+    """kestrel's boot marks under QEMU (guest uptime), from bench.boot."""
+    fig = Figure("P1 guest boot timeline", unit="s")
+    try:
+        timeline = _boot_module().boot_timeline(runs)
+    except Exception as exc:  # another helper's module: any failure is a missing figure
+        fig.na = f"bench.boot.boot_timeline: {type(exc).__name__}: {exc}"
+        return [fig]
+    figs = []
+    for mark, p in timeline.get("guest_uptime_s", {}).items():
+        figs.append(Figure(f"P1 guest uptime at {mark}", unit="s",
+                           value=Spread(p["p50"], p["p10"], p["p90"], timeline["runs"])))
+    for mark, p in timeline.get("host_since_launch_s", {}).items():
+        figs.append(Figure(f"P1 host: launch -> {mark}", unit="s",
+                           value=Spread(p["p50"], p["p10"], p["p90"], timeline["runs"])))
+    if not figs:
+        fig.na = "bench.boot.boot_timeline returned no marks"
+        return [fig]
+    figs[0].note = f"QEMU (TCG) boots of the Caddy plugin, {timeline['runs']} runs"
+    return figs
+
+
+def p2(runs: int) -> list[Figure]:
+    from bench import rss
+
+    return rss.measure(max(1, runs // 3))
+
+
+def p3_p5(runs: int) -> list[Figure]:
+    from bench import image
+
+    return image.measure(max(2, runs // 3))
+
+
+def p4(runs: int) -> list[Figure]:
+    fig = Figure("P4 launch -> first HTTP 200 (Caddy, QEMU)", unit="s", goal="ratio <= 1.15",
+                 baseline_label="shell /init")
+    try:
+        r = _boot_module().measure_p4(max(1, runs // 3))
+    except Exception as exc:
+        fig.na = f"bench.boot.measure_p4: {type(exc).__name__}: {exc}"
+        return [fig]
+    fig.value, fig.baseline = Spread.of(r["kestrel_s"]), Spread.of(r["shell_s"])
+    fig.goal = f"ratio <= {r.get('goal', 1.15)}"
+    fig.note = f"{r.get('machine', '?')} machine, TCG, {r['runs']} interleaved runs"
+    return [fig]
+
+
+def p6(runs: int) -> list[Figure]:
+    from bench import throughput
+
+    return throughput.measure(max(1, runs // 3))
+
+
+def volar_list(runs: int) -> list[Figure]:
+    fig = Figure("volar vms list, 100 rows (optional)", unit="s")
+    fig.na = "not measured: the bench has no supported way yet to create 100 VM records"
+    return [fig]
+
+
+FIGURES: dict[str, Callable[[int], list[Figure]]] = {
+    "P1": p1, "P2": p2, "P3": p3_p5, "P4": p4, "P6": p6, "P1guest": p1_guest, "volar": volar_list,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=15, help="repetitions for the fast figures "
+                    "(slower figures use a third)")
+    ap.add_argument("--quick", action="store_true", help="3 repetitions: a smoke run")
+    ap.add_argument("--only", default="", help=f"comma list of {', '.join(FIGURES)} "
+                    "(P3 also gives P5)")
+    ap.add_argument("--json", type=Path, default=RESULTS, help="where to write the JSON table")
+    args = ap.parse_args(argv)
+    runs = 3 if args.quick else args.runs
+    # `make bench` exports it; a bare `python -m bench` uses the same kernel.
+    if (REPO / ".cache" / "kernel").is_dir():
+        os.environ.setdefault("KESTREL_KERNEL_DIR", str(REPO / ".cache" / "kernel"))
+    chosen = [k.strip() for k in args.only.split(",") if k.strip()] or list(FIGURES)
+    unknown = [k for k in chosen if k not in FIGURES]
+    if unknown:
+        print(f"bench: unknown figure {', '.join(unknown)} (choose from {', '.join(FIGURES)})",
+              file=sys.stderr)
+        return 2
+    figures: list[Figure] = []
+    t0 = time.monotonic()
+    for key in chosen:
+        print(f"bench: {key} ...", file=sys.stderr, flush=True)
+        try:
+            figures += FIGURES[key](runs)
+        except Exception as exc:  # a broken figure must not hide the others
+            traceback.print_exc()
+            figures.append(Figure(f"{key}", na=f"bench error: {type(exc).__name__}: {exc}"))
+    print(render(figures))
+    meta = {"runs": runs, "seconds": round(time.monotonic() - t0, 1), "host": platform.node(),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json(figures, args.json, meta=meta)
+    print(f"\n(written to {args.json})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
