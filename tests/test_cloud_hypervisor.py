@@ -278,11 +278,44 @@ def test_tap_is_created_on_the_bridge_and_removed(netns: str) -> None:
 # --- a real boot, where possible -------------------------------------------------
 
 
-def test_real_cloud_hypervisor_boot() -> None:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_real_cloud_hypervisor_boot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """volar + CH + kestrel for real: create, GET the workload over the tap, stop, delete."""
+    import hashlib
+    import urllib.request
+
+    from kestrel.layout import kernel_dir
+    from tests.host_helpers import Volar, write_plugin
+
     if shutil.which("cloud-hypervisor") is None:
-        pytest.skip("needs the cloud-hypervisor binary (not installed: not in Debian 12 "
+        pytest.skip("needs the cloud-hypervisor binary (not installed here: not in Debian 12 "
                     "or on PyPI) and a /dev/kvm that boots normal kernels (PVM-only here)")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("needs a usable /dev/kvm for cloud-hypervisor")
-    pytest.skip("cloud-hypervisor found, but the boot test needs a kestrel image: "
-                "run vm-tests with KESTREL_VMM=cloud-hypervisor")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for the vbr0 bridge and the tap device")
+    vmlinux = kernel_dir() / "current" / "vmlinux"
+    if not vmlinux.is_file():
+        pytest.skip(f"needs a guest kernel at {vmlinux} (`volar kernel fetch`)")
+    image = Path(os.environ.get("KESTREL_CH_IMAGE",
+                                REPO / ".cache" / "caddy-demo" / "plugin.cpio.gz"))
+    if not image.is_file():
+        pytest.skip(f"needs a kestrel Caddy image at {image} (make demo, or KESTREL_CH_IMAGE)")
+    volar = Volar(tmp_path / "state", capsys)
+    manifest = write_plugin(tmp_path / "p", payload=image.read_bytes(),
+                            entrypoint=["/usr/bin/caddy", "run", "--config",
+                                        "/etc/caddy/Caddyfile"])
+    assert hashlib.sha256(image.read_bytes()).hexdigest() in manifest.read_text()
+    volar.ok("plugins", "install", "--manifest", str(manifest))
+    out = volar.ok("vms", "create", "ch-demo", "--plugin", "caddy", "--vmm",
+                   "cloud-hypervisor", "--timeout", "60")
+    try:
+        assert "Allocating IP: 192.168.127.2" in out
+        with urllib.request.urlopen("http://192.168.127.2:80/", timeout=10) as r:
+            assert b"Hello from Caddy" in r.read()
+        assert volar.ok("vms", "stop", "ch-demo", "--grace", "5").startswith(
+            "VM ch-demo stopped")
+    finally:
+        volar("vms", "delete", "ch-demo")
