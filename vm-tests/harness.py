@@ -184,7 +184,7 @@ class Vm:
         self._stream = stream
         heard = False
         while True:
-            data = b""
+            data: bytes | bytearray = b""
             with trio.move_on_after(REATTACH_S if not heard else float("inf")):
                 data = await stream.receive_some(262144)
                 if not data:
@@ -194,7 +194,7 @@ class Vm:
                 continue
             heard = True
             now = time.monotonic() - self.spawned_at
-            for msg in self.session.receive(data):
+            for msg in self.session.receive(bytes(data)):
                 self.messages.append((now, msg))
                 print(f"[agent {now:7.3f}] {msg!r}"[:400], flush=True)
             ack = self.session.ack()
