@@ -8,6 +8,7 @@ dropped), and a receiver that serves kestrel's unix socket with HostSession.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -366,7 +367,10 @@ def kestrel_runner(work: Path, *, prefer_frozen: bool = True) -> tuple[KestrelRu
 
 
 def work_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="kestrel-bench-", dir=SCRATCH))
+    """A scratch directory (chroot copies, sockets, images), removed when the bench exits."""
+    path = Path(tempfile.mkdtemp(prefix="kestrel-bench-", dir=SCRATCH))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def describe_exit(ns: NsRun) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import REPO
+from bench import REPO, work_dir
 from bench.table import Figure, Spread, render, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -124,13 +124,11 @@ def volar_list(runs: int) -> list[Figure]:
     mem = Figure("volar vms list, 100 rows: peak RSS", unit="MB",
                  baseline_label="python3 + sqlite3 rows")
     try:
-        import tempfile
-
         from host.state import Store
     except ImportError as exc:
         wall.na = mem.na = f"host.state is not there ({exc})"
         return [wall, mem]
-    state = Path(tempfile.mkdtemp(prefix="kestrel-bench-volar-", dir="/var/tmp"))
+    state = work_dir() / "volar"
     store = Store(state)
     with store.transaction():
         for i in range(100):
