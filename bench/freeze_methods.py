@@ -188,7 +188,33 @@ def main() -> None:
 
     print("\nwhere the bundle's RSS goes (kB added by each import, in order; modules added):")
     print(textwrap.indent(run([bundle_py, "-IOO", str(program), "steps", STEPS]), "  "))
+    heap_by_package(frozen.root)
     image_size(frozen.root, work)
+
+
+HEAP = """
+import sys
+lib = sys.argv[1] + "/opt/kestrel/lib/"
+sys.path[:0] = [lib + "python311.zip", lib + "site-packages", lib + "lib-dynload"]
+import collections, tracemalloc
+tracemalloc.start()
+import trio, msgpack, h11, psutil
+by = collections.Counter()
+for stat in tracemalloc.take_snapshot().statistics("filename"):
+    f = stat.traceback[0].filename
+    key = f.split(".zip/")[1].split("/")[0] if ".zip/" in f else f
+    by[key.split("site-packages/")[-1].split("/")[0].removesuffix(".py")] += stat.size
+print(f"  Python heap (tracemalloc) after trio+msgpack+h11+psutil: {sum(by.values()) >> 10} kB")
+for key, size in by.most_common(8):
+    print(f"  {size >> 10:6} kB allocated by {key}")
+"""
+
+
+def heap_by_package(frozen_root: Path) -> None:
+    """Which code allocated the Python heap: Debian's python3.11 (same bytecode, plus its
+    own tracemalloc) importing from the bundle. "<frozen zipimport>" is the unmarshalled
+    code objects of every module; attr is the classes attrs generates for trio."""
+    print(run([DEBIAN_PYTHON, "-S", "-I", "-c", HEAP, str(frozen_root)]), end="")
 
 
 def image_size(frozen_root: Path, work: Path) -> None:
