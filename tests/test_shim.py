@@ -64,7 +64,7 @@ class Image:
         path.write_text("#!/bin/busybox sh\n" + script)
         path.chmod(0o755)
 
-    def boot(self, *, env: dict[str, str] | None = None) -> Boot:
+    def boot(self, *, env: dict[str, str] | None = None, premount: str = "") -> Boot:
         console = self.base / "console.log"
         console.write_bytes(b"")
         script = self.base / "boot.sh"
@@ -75,6 +75,7 @@ class Image:
             f"{mount} -t tmpfs -o mode=0755 tmpfs {self.root}/dev\n"
             f": > {self.root}/dev/console\n"
             f"{mount} --bind {console} {self.root}/dev/console\n"
+            f"{premount}\n"
             f"exec {chroot} {self.root} /init\n"
         )
         cmd = [str(shutil.which("setpriv")), "--bounding-set", "-sys_module",
@@ -149,6 +150,19 @@ def test_mounts_everything_then_hands_off_to_kestrel(image: Image) -> None:
     assert mounts["/dev"] == "tmpfs"
     assert list(mounts).count("/dev") == 1
     assert "INIT PANIC" not in boot.console
+
+
+def test_already_mounted_targets_are_left_alone(image: Image) -> None:
+    # Mounting again would stack an empty instance on top and hide what is there.
+    (image.root / "run").mkdir()
+    image.agent("/bin/busybox cat /run/marker\n"
+                "/bin/busybox grep -c ' /run ' /proc/self/mountinfo\n")
+    boot = image.boot(premount=(
+        f"{shutil.which('mount')} -t tmpfs tmpfs {image.root}/run && "
+        f"echo premounted > {image.root}/run/marker"
+    ))
+    assert boot.returncode == 0, boot.console
+    assert "premounted\n1\n" in boot.console
 
 
 def test_devpts_is_a_private_instance_with_tty_group(image: Image) -> None:
