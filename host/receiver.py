@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import trio
@@ -26,7 +27,8 @@ def to_json(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Unknown):
         return {"t": msg.type, **msg.body}
     out: dict[str, Any] = {"t": msg.TYPE}
-    for name in msg.__slots__:
+    for f in fields(msg):
+        name = f.name
         value = getattr(msg, name)
         if isinstance(value, bytes):
             try:
