@@ -298,8 +298,16 @@ def cmd_kernel(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(store: Store, args: argparse.Namespace) -> int:
+    """A host end for a kestrel run outside a VM (kestrel.channel=unix:PATH)."""
+    del store
+    from host import receiver
+
+    return receiver.main([str(args.socket)])
+
+
 GROUPS = {"plugins": "install and manage plugins", "vms": "create and manage microVMs",
-          "kernel": "the guest kernel"}
+          "kernel": "the guest kernel", "agent": "talk to a kestrel outside a VM"}
 
 
 def _plugins_parser(pl: Any) -> None:
@@ -352,6 +360,12 @@ def _kernel_parser(k: Any) -> None:
     k.add_parser("show")
 
 
+def _agent_parser(a: Any) -> None:
+    li = a.add_parser("listen", help="serve kestrel's protocol on a unix socket and print "
+                      "every record as one JSON object per line, acking like the real host")
+    li.add_argument("socket", type=Path)
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser; only the group named in ``argv`` gets its subcommands built.
 
@@ -363,7 +377,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, help="default: $VOLAR_STATE_DIR, "
                    "/var/lib/volar as root, else ~/.local/share/volar")
     groups = p.add_subparsers(dest="group", required=True)
-    builders = {"plugins": _plugins_parser, "vms": _vms_parser, "kernel": _kernel_parser}
+    builders = {"plugins": _plugins_parser, "vms": _vms_parser, "kernel": _kernel_parser,
+                "agent": _agent_parser}
     for name, help_text in GROUPS.items():
         sub = groups.add_parser(name, help=help_text)
         if wanted in (None, name):
@@ -376,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         store = Store(args.state_dir or default_state_dir())
-        handler = {"plugins": cmd_plugins, "vms": cmd_vms, "kernel": cmd_kernel}[args.group]
+        handler = {"plugins": cmd_plugins, "vms": cmd_vms, "kernel": cmd_kernel,
+                   "agent": cmd_agent}[args.group]
         return handler(store, args)
     except (VolarError, ManifestError) as exc:
         print(f"volar: {exc}", file=sys.stderr)
