@@ -31,7 +31,17 @@ APPLETS = (
 )
 SBIN_APPLETS = ("switch_root",)
 VERSION_FILE = "/etc/kestrel/version"  # the agent version, for `fledge inspect`
-REPLACEABLE = frozenset({"busybox applet"})  # what user mappings may overwrite
+# Files every image gets unless a mapping provides its own. Without /etc/hosts, Go and
+# glibc programs resolve "localhost" through DNS and fail (seen with Debian's caddy:
+# "lookup localhost on [::1]:53: connection refused").
+DEFAULT_FILES = {
+    "/etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    "/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    "/etc/group": "root:x:0:\nnogroup:x:65534:\n",
+    "/etc/nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+}
+# What user mappings may overwrite.
+REPLACEABLE = frozenset({"busybox applet", "fledge default"})
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,8 @@ def build(options: BuildOptions, *, progress: Progress | None = None) -> BuildRe
     try:
         for d in BASE_DIRS:
             tree.mkdir(d)
+        for path, text in DEFAULT_FILES.items():
+            tree.add_file(path, perm=0o644, data=text.encode(), origin="fledge default")
         agent_lib_dirs = add_agent(tree, config, cache=cache, progress=p)
         add_busybox(tree, config, progress=p)
         add_init(tree, config, cache=cache, progress=p)

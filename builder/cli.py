@@ -106,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FledgeError as e:
         print(e.line(), file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # `fledge inspect IMG | head`: the reader left; not an error worth a traceback.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("fledge: interrupted", file=sys.stderr)
         return 130

@@ -107,7 +107,9 @@ def format_report(report: ImageReport, *, entries: bool = True) -> str:
     ]
     width = max((len(e.path) for e in report.elves), default=0)
     for e in report.elves:
-        if e.static:
+        if e.path.endswith(".ko"):
+            state = "kernel module"
+        elif e.static:
             # A shared object without DT_NEEDED is self-contained, not "static".
             state = "no dependencies" if ".so" in Path(e.path).name else "static"
         elif e.missing:

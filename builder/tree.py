@@ -21,7 +21,7 @@ EXEC_DIRS = ("/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/l
              "/opt/bin", "/opt/sbin")
 LIB_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64")
 BASE_DIRS = ("/bin", "/sbin", "/etc", "/proc", "/sys", "/dev", "/tmp", "/run", "/usr",
-             "/usr/bin", "/usr/sbin", "/usr/lib", "/var", "/var/log")
+             "/usr/bin", "/usr/sbin", "/usr/lib", "/var", "/var/log", "/root")
 
 
 class TreeError(Exception):
