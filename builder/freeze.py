@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -286,6 +286,23 @@ def check_closure(root: Path) -> None:
         raise FreezeError(f"frozen tree is missing libraries: {missing}")
 
 
+def smoke_test(root: Path, kestrel_files: list[Source]) -> None:
+    """Start the bundled interpreter from the tree and import every kestrel module and
+    dependency, so a bundle that cannot import never reaches an image. It runs with the
+    build host's glibc (the same files the tree holds); tests/test_freeze.py proves the
+    tree also runs in an empty root."""
+    names = [s.rel.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+             for s in kestrel_files if not s.rel.endswith("__main__.py")]
+    names += [t for ts in DEPENDENCIES.values() for t in ts]
+    exe = root / str(PREFIX).lstrip("/") / "bin" / PY_TAG
+    code = f"for n in {names!r}: __import__(n)\nimport encodings.idna"
+    proc = subprocess.run([str(exe), "-IOO", "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise FreezeError(f"the frozen interpreter cannot import kestrel:\n{tail}")
+
+
 # ---- the whole freeze ---------------------------------------------------------------
 
 
@@ -324,6 +341,7 @@ def freeze_kestrel(*, cache_dir: Path, python: Path = PYTHON) -> FrozenAgent:
         _build(root, Path(tmp) / "work", python=python, kestrel_files=kestrel_files,
                deps=deps)
         check_closure(root)
+        smoke_test(root, kestrel_files)
         os.replace(root, out / "root")
     return FrozenAgent(root=out / "root", version=kestrel.__version__)
 
@@ -408,23 +426,3 @@ def _build(root: Path, work: Path, *, python: Path, kestrel_files: list[Source],
     binaries = [exe, *sorted(p for p in lib.rglob("*.so"))]
     install_libraries(root, binaries)
 
-
-def tree_digest(root: Path) -> str:
-    """A digest of a tree's names, modes, link targets and bytes (for reproducibility)."""
-    h = hashlib.sha256()
-    for path in _walk(root):
-        rel = path.relative_to(root).as_posix()
-        st = path.lstat()
-        h.update(f"{rel}\0{st.st_mode:o}\0".encode())
-        if path.is_symlink():
-            h.update(os.readlink(path).encode())
-        elif path.is_file():
-            h.update(_sha256(path).encode())
-    return h.hexdigest()
-
-
-def _walk(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            yield Path(dirpath) / name

@@ -7,10 +7,12 @@ CAP_SYS_MODULE dropped: if the bundle needed any file from the build host, it wo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,8 @@ from builder.freeze import (
     FrozenAgent,
     Source,
     _cache_key,
+    _sha256,
     freeze_kestrel,
-    tree_digest,
 )
 
 BUSYBOX = Path("/bin/busybox")
@@ -38,6 +40,27 @@ def frozen(tmp_path_factory: pytest.TempPathFactory) -> FrozenAgent:
         return freeze_kestrel(cache_dir=tmp_path_factory.mktemp("cache"))
     except FreezeError as exc:
         pytest.skip(reason=f"cannot freeze here: {exc}")
+
+
+def tree_digest(root: Path) -> str:
+    """A digest of a tree's names, modes, link targets and bytes (for reproducibility)."""
+    h = hashlib.sha256()
+    for path in _walk(root):
+        rel = path.relative_to(root).as_posix()
+        st = path.lstat()
+        h.update(f"{rel}\0{st.st_mode:o}\0".encode())
+        if path.is_symlink():
+            h.update(os.readlink(path).encode())
+        elif path.is_file():
+            h.update(_sha256(path).encode())
+    return h.hexdigest()
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            yield Path(dirpath) / name
 
 
 def run_in_empty_root(
