@@ -248,3 +248,14 @@ def test_image_is_a_valid_gzip_member(tmp_path: Path, cache: Path) -> None:
     raw = gzip.decompress(image.read_bytes())
     assert raw.startswith(b"070701") and b"TRAILER!!!" in raw[-512:]
     assert len(raw) % 4 == 0
+
+
+def test_images_resolve_localhost_and_mappings_may_replace_defaults(tmp_path: Path,
+                                                                   cache: Path) -> None:
+    cfg = _local_project(tmp_path)
+    image = members(run_build(cfg, cache))
+    assert b"127.0.0.1\tlocalhost" in image["/etc/hosts"].data
+    assert image["/etc/passwd"].data.startswith(b"root:x:0:0:")
+    (tmp_path / "hosts").write_bytes(b"10.0.0.1 db\n")
+    cfg.write_text(cfg.read_text().replace("[mappings]\n", '[mappings]\n"hosts" = "/etc/hosts"\n'))
+    assert members(run_build(cfg, cache))["/etc/hosts"].data == b"10.0.0.1 db\n"

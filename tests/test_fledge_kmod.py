@@ -159,3 +159,23 @@ def test_real_debian_tree_orders_virtio_console_after_its_dependencies() -> None
     for m in plan.modules:
         assert set(m.depends) <= set(order[: order.index(m.name)]) | set(plan.builtin), m.name
         assert m.data[:4] == b"\x7fELF"
+
+
+def test_custom_init_gets_modules_only_when_kernel_is_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bb = need_busybox()
+    tree = make_tree(tmp_path / "k")
+    monkeypatch.setenv("KESTREL_KERNEL_DIR", str(tmp_path / "no-kernel"))
+    base = offline_busybox('version = "1"\nstrategy = "initramfs"\n[init]\npath = "init"\n'
+                           '[source]\nbusybox_url = "x"\n')
+    out = tmp_path / "p" / "img.cpio"
+    for toml, expected in ((base, False), (base + f'[kernel]\nmodules_dir = "{tree}"\n'
+                                           'modules = ["virtio"]\n', True)):
+        cfg = write_project(tmp_path / "p", toml, {"init": bb})
+        build(BuildOptions(config_path=cfg, output=out, compression="none",
+                           cache_dir=tmp_path / "cache"), progress=Progress(verbosity=0))
+        image = members(out)
+        assert (layout.MODULES_LOAD_LIST in image) is expected
+    assert image[layout.MODULES_LOAD_LIST].data == (
+        b"kernel/drivers/virtio/virtio_ring.ko\nkernel/drivers/virtio/virtio.ko\n")
