@@ -312,5 +312,10 @@ int main(void)
 	 * any key=value from the command line it did not recognise). */
 	char *const argv[] = { "kestrel", NULL };
 	execv(AGENT_PATH, argv);
-	panic("exec " AGENT_PATH, errno);
+	int err = errno;
+	/* execve reports a missing #! interpreter or ELF loader as ENOENT, which
+	 * reads as if /bin/kestrel itself were missing: say which it is. */
+	if (err == ENOENT && access(AGENT_PATH, F_OK) == 0)
+		panic("exec " AGENT_PATH " (its interpreter is missing)", err);
+	panic("exec " AGENT_PATH, err);
 }

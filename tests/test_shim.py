@@ -180,6 +180,24 @@ def test_missing_agent_panics_and_powers_off(image: Image) -> None:
     assert boot.returncode in (-signal.SIGINT, 128 + signal.SIGINT), boot.console
 
 
+def test_agent_with_a_missing_interpreter_panics_naming_it(image: Image) -> None:
+    path = image.root / "bin" / "kestrel"
+    path.write_text("#!/opt/kestrel/bin/python3.11 -IOO\n")
+    path.chmod(0o755)
+    boot = image.boot()
+    assert ("INIT PANIC: exec /bin/kestrel (its interpreter is missing): "
+            "No such file or directory") in boot.console
+    assert boot.returncode in (-signal.SIGINT, 128 + signal.SIGINT), boot.console
+
+
+def test_agent_that_is_not_executable_panics(image: Image) -> None:
+    image.agent("echo never\n")
+    (image.root / "bin" / "kestrel").chmod(0o644)
+    boot = image.boot()
+    assert "INIT PANIC: exec /bin/kestrel: Permission denied" in boot.console
+    assert "never" not in boot.console
+
+
 def test_failing_module_is_reported_and_boot_continues(image: Image) -> None:
     image.modules.joinpath("kernel").mkdir(parents=True)
     # Not a module at all: even a kernel that somehow allowed loading rejects it.
