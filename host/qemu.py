@@ -208,18 +208,29 @@ class QemuDriver:
     async def _qmp(self, spec: LaunchSpec, running: Running, *, timeout: float = 15.0) -> QmpClient:
         """Connect to QMP, failing fast with QEMU's own message if it died."""
         result: list[QmpClient] = []
+        errors: list[QmpError] = []
 
         async def connect(cancel: trio.CancelScope) -> None:
-            result.append(await QmpClient.connect(spec.run_dir / "qmp.sock", timeout=timeout))
+            try:
+                result.append(await QmpClient.connect(spec.run_dir / "qmp.sock",
+                                                      timeout=timeout))
+            except QmpError as exc:
+                errors.append(exc)
+                # A QEMU that dies mid-greeting is the usual cause: let its
+                # exit (and its own message) win if it comes.
+                with trio.move_on_after(2):
+                    await running.process.wait()
             cancel.cancel()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connect, nursery.cancel_scope)
             await running.process.wait()
             nursery.cancel_scope.cancel()
-        if not result:
+        if result:
+            return result[0]
+        if running.process.returncode is not None:
             raise self._qemu_failure(spec, running)
-        return result[0]
+        raise VmmError(f"{spec.name}: {errors[0] if errors else 'QMP unreachable'}")
 
     async def open_agent_stream(self, spec: LaunchSpec, running: Running) -> trio.abc.Stream:
         """Connect to the agent socket, retrying until QEMU accepts or the deadline.

@@ -66,7 +66,10 @@ class QmpClient:
 
     async def _read(self) -> dict[str, Any]:
         while b"\n" not in self._buf:
-            data = await self._stream.receive_some(65536)
+            try:
+                data = await self._stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise QmpError(f"QMP socket {self._path}: {exc}") from None
             if not data:
                 raise QmpError(f"QEMU closed the QMP socket {self._path}")
             self._buf += data
