@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make cpio zstd \
+APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev musl-tools make cpio zstd e2fsprogs \
 	qemu-system-x86 busybox-static caddy iproute2 util-linux curl
 export KESTREL_KERNEL_DIR ?= $(CURDIR)/.cache/kernel
 
