@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,24 @@ def test_inspect_reports_missing_libraries_and_bad_files(project: Path) -> None:
     proc = run_fledge(["inspect", "junk"], cwd=project, cache=project / ".c")
     assert proc.returncode == 1
     assert proc.stderr.startswith("fledge: junk: not a readable initramfs")
+
+
+def test_source_date_epoch_from_the_environment(project: Path) -> None:
+    env = {"SOURCE_DATE_EPOCH": "1800000000"}
+    proc = run_fledge(["build", "-q"], cwd=project, cache=project / ".c", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert {m.mtime for m in members(project / "plugin.cpio.gz").values()} == {1800000000}
+    proc = run_fledge(["build", "-q"], cwd=project, cache=project / ".c",
+                      env={"SOURCE_DATE_EPOCH": "yesterday"})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("fledge: environment: SOURCE_DATE_EPOCH: must be seconds")
+
+
+def test_same_inputs_in_another_folder_give_the_same_bytes(
+    project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    other = tmp_path_factory.mktemp("elsewhere") / "deep" / "copy"
+    shutil.copytree(project, other, symlinks=True)
+    for where in (project, other):
+        assert run_fledge(["build", "-q"], cwd=where, cache=where / ".c").returncode == 0
+    assert (project / "plugin.cpio.gz").read_bytes() == (other / "plugin.cpio.gz").read_bytes()
