@@ -7,8 +7,10 @@ broken), written next to a small payload so valid configurations occur too.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from builder.errors import ConfigError
 from tests.test_fuzz_manifest import mutated_text
 
 _DIR = Path(tempfile.mkdtemp(prefix="kestrel-fuzz-fledge-"))
+atexit.register(shutil.rmtree, _DIR, True)
 (_DIR / "payload").mkdir()
 (_DIR / "payload" / "caddy").write_bytes(b"\x7fELF")
 os.chmod(_DIR / "payload" / "caddy", 0o755)
