@@ -7,6 +7,7 @@ uid/gid 0, one mtime, sequential inodes, no hard links. `read_archive` parses it
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -213,8 +214,9 @@ def read_archive(stream: BinaryIO) -> Iterator[Member]:
 
 
 def extract(members: Iterable[Member], dest: Path) -> None:
-    """Unpack *members* under *dest* without ever writing outside it (no `..`, no
-    absolute names, symlinks created but never followed while writing)."""
+    """Unpack *members* under *dest* without ever writing outside it: `..` names are
+    skipped, nothing is created through a symlink, and a later member replaces an
+    earlier one instead of writing through it (hostile archives repeat names)."""
     for m in members:
         rel = PurePosixPath(m.name.lstrip("/"))
         if ".." in rel.parts or str(rel) in ("", "."):
@@ -226,12 +228,22 @@ def extract(members: Iterable[Member], dest: Path) -> None:
         ):
             raise CpioError(f"{m.path}: refusing to extract through a symlink")
         if m.is_dir:
+            if target.is_symlink() or (target.exists() and not target.is_dir()):
+                target.unlink()
             target.mkdir(parents=True, exist_ok=True)
-        elif m.is_symlink:
-            parent.mkdir(parents=True, exist_ok=True)
+            continue
+        if not (m.is_symlink or m.is_file):
+            continue  # devices and fifos: nothing fledge inspects
+        parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.exists():
+            raise CpioError(f"{m.path}: a file replaces a directory")
+        if m.is_symlink:
             target.symlink_to(m.data.decode("utf-8", "surrogateescape"))
-        elif m.is_file:
-            parent.mkdir(parents=True, exist_ok=True)
-            with target.open("wb") as out:
-                out.write(m.data)
-            target.chmod(m.perm)
+            continue
+        # O_EXCL|O_NOFOLLOW: never open through a symlink that appeared meanwhile.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(m.data)
+            os.fchmod(out.fileno(), m.perm)

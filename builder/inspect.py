@@ -79,7 +79,10 @@ def inspect_image(path: Path) -> ImageReport:
                           if ln.strip()]
     with tempfile.TemporaryDirectory(prefix="fledge-inspect-") as tmp:
         root = Path(tmp)
-        cpio.extract(report.members, root)
+        try:
+            cpio.extract(report.members, root)
+        except (OSError, cpio.CpioError) as e:
+            raise BuildError("", str(path), f"cannot unpack for inspection: {e}") from None
         files = [Path(m.path) for m in report.members
                  if m.is_file and m.data[:4] == elf.ELF_MAGIC]
         closure = elf.resolve_closure(files, root=root)

@@ -108,3 +108,26 @@ def test_cpio_writer_refuses_dotdot_and_reader_extract_skips_it(tmp_path: Path) 
     dest.mkdir()
     cpio.extract(cpio.read_archive(raw), dest)
     assert not (tmp_path / "evil").exists()
+
+
+def test_extract_never_writes_through_a_symlink_of_the_same_archive(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    raw = io.BytesIO()
+    # A hostile archive: "x" -> victim, then a regular file "x", then "d" -> outside dir
+    # and "d/y" under it.
+    members = [("x", 0o120777, str(victim).encode()), ("x", 0o100644, b"pwned"),
+               ("d", 0o120777, str(tmp_path).encode()), ("d/y", 0o100644, b"pwned")]
+    for ino, (name, mode, data) in enumerate(members, start=1):
+        cpio._write_member(raw, name=name, ino=ino, mode=mode, nlink=1, mtime=0,
+                           size=len(data))
+        raw.write(data + cpio._pad(len(data)))
+    cpio._write_member(raw, name=cpio.TRAILER, ino=0, mode=0, nlink=1, mtime=0, size=0)
+    raw.seek(0)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(cpio.CpioError, match="through a symlink"):
+        cpio.extract(cpio.read_archive(raw), dest)
+    assert victim.read_bytes() == b"precious"
+    assert (dest / "x").read_bytes() == b"pwned" and not (dest / "x").is_symlink()
+    assert not (tmp_path / "y").exists()
