@@ -270,10 +270,14 @@ def _mappings(r: _Reader, data: dict[str, Any], init: dict[str, Any]) -> tuple[M
             if not src.strip():
                 raise r.fail(where, "source must not be empty")
             norm = image_dest(dest, where=where, r=r)
+            source = r.host_path(src, where)
+            if dest.endswith("/") and norm != "/" and source.is_file():
+                # "app" = "/usr/bin/" means into that directory, as cp would do.
+                norm = f"{norm}/{source.name}"
             if norm in seen:
                 raise r.fail(where, f"{norm} is already the destination of {seen[norm]!r}")
             seen[norm] = src
-            result.append(Mapping(source=r.host_path(src, where), dest=norm, key=src))
+            result.append(Mapping(source=source, dest=norm, key=src))
     return tuple(result)
 
 

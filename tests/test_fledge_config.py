@@ -159,12 +159,12 @@ def test_valid_config_reads_back(tmp_path: Path) -> None:
     cfg = write_project(tmp_path, OK + '[source]\nbusybox_url = "file://' + str(bb)
                         + '"\nbusybox_sha256 = "sha256:' + sha256(bb).upper() + '"\n'
                         '[libraries]\ncopy_from_host = true\n[output]\ncompression = "zstd"\n'
-                        '[mappings]\n"app" = "/usr/bin/app/"\n', {"agent": bb, "app": bb})
+                        '[mappings]\n"app" = "/usr/bin/"\n', {"agent": bb, "app": bb})
     config = load_config(cfg)
     assert config.init_mode == "default"
     assert config.agent is not None and config.agent.path == tmp_path / "agent"
     assert config.busybox_sha256 == sha256(bb)
-    assert config.mappings[0].dest == "/usr/bin/app"
+    assert config.mappings[0].dest == "/usr/bin/app"  # a trailing / means "into"
     assert config.copy_host_libs and config.compression == "zstd"
     assert config.kernel.modules == () and config.kernel.explicit
 
