@@ -8,6 +8,9 @@ examples put it) plus three kestrel additions:
               layout.DEFAULT_MODULES; [] for none)
   [libraries] copy_from_host = true   copy missing shared libraries from the build host
   [output]    compression = "gzip" | "zstd" | "none"
+Also: busybox_url may be omitted (the host's static /bin/busybox is used), it and the
+http agent url take http(s)://, file:// or a path; a destination ending in "/" places
+a file into that directory.
 """
 
 from __future__ import annotations
