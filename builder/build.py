@@ -119,6 +119,8 @@ def build(options: BuildOptions, *, progress: Progress | None = None) -> BuildRe
                         extra_search=agent_lib_dirs, progress=p)
     except TreeError as e:
         raise BuildError("mappings", config.file, str(e)) from None
+    except OSError as e:  # an unreadable source, a full /tmp: one line, not a traceback
+        raise BuildError("", config.file, f"{e.filename or ''}: {e.strerror or e}") from None
     p.step("Building initramfs...")
     size, digest = write_image(tree, output, compression=compression,
                                mtime=options.source_date_epoch, file=config.file)

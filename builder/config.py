@@ -128,10 +128,19 @@ class _Reader:
         return value
 
     def host_path(self, text: str, where: str, *, want: str = "any") -> Path:
-        p = Path(text).expanduser()
+        try:
+            p = Path(text).expanduser()
+        except RuntimeError:  # "~nosuchuser/...": no home directory to expand to
+            raise self.fail(where, f"{text}: cannot expand ~ (no such user)") from None
         p = p if p.is_absolute() else self.base / p
-        if not p.exists():
-            raise self.fail(where, f"{text}: no such file or directory (relative to {self.base})")
+        try:
+            p.stat()
+        except FileNotFoundError:
+            raise self.fail(where, f"{text}: no such file or directory (relative to "
+                            f"{self.base})") from None
+        except (OSError, ValueError) as e:  # ENAMETOOLONG, ELOOP, EACCES, NUL bytes
+            reason = getattr(e, "strerror", None) or str(e)
+            raise self.fail(where, f"{text[:80]}: {reason}") from None
         if want == "file" and not p.is_file():
             raise self.fail(where, f"{text}: must be a file")
         if want == "dir" and not p.is_dir():

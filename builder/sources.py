@@ -60,7 +60,11 @@ def fetch(
     else:
         local = Path(url).expanduser()
     local = local if local.is_absolute() else base / local
-    if not local.is_file():
+    try:
+        found = local.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        found = False
+    if not found:
         raise BuildError(key, file, f"{url}: no such file")
     if sha256 is not None:
         _verify(local, sha256, key=sha_key, file=file, what=url)
