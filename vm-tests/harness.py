@@ -183,14 +183,18 @@ class Vm:
         await stream.send_all(self.session.attach())
         self._stream = stream
         heard = False
+        # QEMU usually holds our bytes until the guest opens the port, so each
+        # resend can earn another hello + replay: back off instead of repeating.
+        reattach = REATTACH_S
         while True:
             data: bytes | bytearray = b""
-            with trio.move_on_after(REATTACH_S if not heard else float("inf")):
+            with trio.move_on_after(reattach if not heard else float("inf")):
                 data = await stream.receive_some(262144)
                 if not data:
                     return
             if not data:
                 await stream.send_all(self.session.attach())
+                reattach *= 2
                 continue
             heard = True
             now = time.monotonic() - self.spawned_at
