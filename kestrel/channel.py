@@ -9,6 +9,7 @@ it comes back (measured-here.md), so EOF there means "detached", not
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -76,6 +77,15 @@ class Transport:
             raise ChannelMissing(f"{self.channel}: no vsock in this kernel ({exc})") from None
         try:
             await sock.connect((VMADDR_CID_HOST, port))
+        except OSError as exc:
+            sock.close()
+            # No vsock transport (no device, module not loaded): no retry helps.
+            if exc.errno in (errno.ENODEV, errno.ENXIO, errno.EAFNOSUPPORT, errno.ENETUNREACH):
+                raise ChannelMissing(
+                    f"{self.channel}: no vsock device ({exc.strerror}); is "
+                    "vmw_vsock_virtio_transport loaded and does the VMM give the VM a vsock?"
+                ) from None
+            raise
         except BaseException:
             sock.close()
             raise
