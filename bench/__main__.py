@@ -56,6 +56,12 @@ def p1_guest(runs: int) -> list[Figure]:
     if not figs:
         fig.na = "bench.boot.boot_timeline returned no marks"
         return [fig]
+    marks = timeline.get("guest_uptime_s", {})
+    if "kestrel_start" in marks and "workload_exec" in marks:
+        gap = marks["workload_exec"]["p50"] - marks["kestrel_start"]["p50"]
+        figs.insert(0, Figure("P1 guest kestrel_start -> workload_exec", unit="s",
+                              value=Spread(gap, gap, gap, 1),
+                              note="difference of the two marks' medians (guest uptime)"))
     figs[0].note = f"QEMU (TCG) boots of the Caddy plugin, {timeline['runs']} runs"
     return figs
 
