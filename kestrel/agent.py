@@ -35,7 +35,7 @@ from kestrel.protocol import (
     Timeline,
 )
 from kestrel.reaper import ExitStatus, Reaper
-from kestrel.spawn import Child, SpawnError, spawn
+from kestrel.spawn import Child, SpawnError, oom_kills, spawn
 
 # Signals PID 1 passes to the workload's group (R3). Not KILL/STOP (cannot be
 # caught), CHLD (the reaper's), PIPE (kestrel's own writes to a vanished
@@ -62,17 +62,6 @@ def console(line: str) -> None:
         os.write(2, f"kestrel: {line}\n".encode(errors="replace"))
     except OSError:
         pass
-
-
-def _oom_kills() -> int:
-    try:
-        with open("/proc/vmstat", "rb") as f:
-            for line in f:
-                if line.startswith(b"oom_kill "):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
 
 
 class Agent:
@@ -265,7 +254,6 @@ class Agent:
     ) -> ExitStatus:
         self.child = child
         self.reaper.watch(child.pid)
-        oom_before = _oom_kills()
         self.set_state("running", f"pid {child.pid}")
         async with trio.open_nursery() as pumps:
             pumps.start_soon(self._pump, child.stdout_fd, "stdout")
@@ -280,7 +268,7 @@ class Agent:
             with trio.move_on_after(LOG_DRAIN_S):
                 await _wait_children_done(pumps)
             pumps.cancel_scope.cancel()
-        if status.signal == signal.SIGKILL and _oom_kills() > oom_before >= 0:
+        if status.signal == signal.SIGKILL and oom_kills() > child.oom_kills_before >= 0:
             self.emit(Oom(pid=child.pid, detail="killed by the kernel OOM killer"))
             console(f"workload pid {child.pid} was OOM-killed")
         self.emit(Exit(pid=child.pid, code=status.code, signal=status.signal,

@@ -169,12 +169,19 @@ ROOTFS_WAIT_S = 10.0
 STAGE_ENV = "KESTREL_STAGE"
 
 
+# What kestrel needs from the initramfs after the switch: the frozen runtime,
+# its libc and loader, and the /bin/kestrel script.
+KEPT_DIRS = ("/opt/kestrel", "/lib", "/lib64", "/usr/lib", "/bin")
+LOADER = "/lib64/ld-linux-x86-64.so.2"
+
+
 def switch_root(device: str, fstype: str, argv: list[str]) -> None:
     """Mount ``device``, make it /, and exec kestrel again there (stage 2).
 
-    Like switch_root(8), except the initramfs is kept (bind-mounted under
-    /run) instead of deleted: kestrel runs from it, through its own dynamic
-    loader, so nothing of the rootfs's libc is needed. Never returns.
+    Like switch_root(8), except kestrel's own files stay reachable under
+    /run/kestrel/initramfs (bind mounts of the directories it needs) and it
+    is started through the initramfs's own dynamic loader, so nothing of the
+    rootfs's libc is used. Never returns.
     """
     import time
 
@@ -185,26 +192,32 @@ def switch_root(device: str, fstype: str, argv: list[str]) -> None:
         if time.monotonic() > deadline:
             raise OSError(2, f"rootfs device {device} did not appear within {ROOTFS_WAIT_S:g} s")
         time.sleep(0.02)
-    # Paths in argv (the interpreter, the /bin/kestrel script) as seen from the new root.
+    # Resolved in the initramfs, before the switch: absolute symlinks would
+    # point into the rootfs afterwards.
+    real_argv = [os.path.realpath(a) if a.startswith("/") and os.path.exists(a) else a
+                 for a in argv]
     new_argv = [INITRAMFS_KEPT + a if a.startswith("/") and os.path.exists(a) else a
-                for a in argv]
-    loader = "/lib64/ld-linux-x86-64.so.2"
+                for a in real_argv]
+    loader = os.path.realpath(LOADER) if os.path.exists(LOADER) else ""
+    kept = [d for d in KEPT_DIRS if os.path.isdir(d) and not os.path.islink(d)]
     libdirs = ":".join(INITRAMFS_KEPT + d for d in (
-        "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/lib", "/usr/lib"))
+        "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib", "/usr/lib"))
     os.makedirs(NEWROOT, exist_ok=True)
     sysapi.mount(device, NEWROOT, fstype)
     for m in ("/dev", "/proc", "/sys", "/run"):
         os.makedirs(NEWROOT + m, exist_ok=True)
         sysapi.mount(m, NEWROOT + m, "", sysapi.MS_MOVE)
-    os.makedirs(NEWROOT + INITRAMFS_KEPT, exist_ok=True)
-    sysapi.mount("/", NEWROOT + INITRAMFS_KEPT, "", sysapi.MS_BIND)
+    for d in kept:
+        target = NEWROOT + INITRAMFS_KEPT + d
+        os.makedirs(target, exist_ok=True)
+        sysapi.mount(d, target, "", sysapi.MS_BIND)
     os.chdir(NEWROOT)
     sysapi.mount(".", "/", "", sysapi.MS_MOVE)
     os.chroot(".")
     os.chdir("/")
     env = dict(os.environ)
     env[STAGE_ENV] = "2"
-    if os.path.exists(INITRAMFS_KEPT + loader):
+    if loader:
         os.execve(INITRAMFS_KEPT + loader,
                   [loader, "--library-path", libdirs, *new_argv], env)
     os.execve(new_argv[0], new_argv, env)

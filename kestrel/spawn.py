@@ -30,14 +30,28 @@ class SpawnError(Exception):
         self.message = message
 
 
-class Child:
-    __slots__ = ("pgid", "pid", "stderr_fd", "stdout_fd")
+def oom_kills() -> int:
+    """The kernel's count of OOM kills so far (/proc/vmstat oom_kill), -1 if unknown."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
 
-    def __init__(self, pid: int, stdout_fd: int, stderr_fd: int) -> None:
+
+class Child:
+    __slots__ = ("oom_kills_before", "pgid", "pid", "stderr_fd", "stdout_fd")
+
+    def __init__(self, pid: int, stdout_fd: int, stderr_fd: int, oom_kills_before: int) -> None:
         self.pid = pid
         self.pgid = pid  # setpgroup=0: the child leads a new group
         self.stdout_fd = stdout_fd
         self.stderr_fd = stderr_fd
+        # Read at spawn: a workload can be OOM-killed before the agent is up.
+        self.oom_kills_before = oom_kills_before
 
 
 def seal_inherited_fds() -> None:
@@ -71,6 +85,7 @@ def spawn(argv: list[str] | tuple[str, ...], env: dict[str, str], workdir: str) 
     path = resolve(argv[0], env.get("PATH", "/usr/bin:/bin"))
     if "/" not in path:
         raise SpawnError(EXIT_NOT_FOUND, f"entrypoint {argv[0]!r}: not found in PATH")
+    oom_before = oom_kills()
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     # posix_spawn has no chdir action in Python 3.11: the agent is single-
@@ -104,7 +119,7 @@ def spawn(argv: list[str] | tuple[str, ...], env: dict[str, str], workdir: str) 
         os.chdir("/")
         os.close(out_w)
         os.close(err_w)
-    return Child(pid, out_r, err_r)
+    return Child(pid, out_r, err_r, oom_before)
 
 
 def workload_env(base: dict[str, str], *layers: dict[str, str]) -> dict[str, str]:

@@ -221,11 +221,13 @@ async def boot(
     protocol: bool = True,
     timeout: float = 240.0,
     driver: QemuDriver | None = None,
+    disks: tuple[Path, ...] = (),
 ) -> AsyncIterator[Vm]:
     """Boot, yield the Vm while the test drives it, then make sure QEMU is gone."""
     driver = driver or QemuDriver()
     spec = LaunchSpec(name=name, run_dir=run_dir, kernel=kernel, initramfs=initramfs,
-                      cmdline=cmdline, cpus=cpus, memory_mb=memory_mb, guest_port=guest_port)
+                      cmdline=cmdline, cpus=cpus, memory_mb=memory_mb, guest_port=guest_port,
+                      disks=disks)
     print("[host] " + " ".join(driver.command(spec)), flush=True)
     vm: Vm | None = None
     ok = False
