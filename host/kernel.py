@@ -87,15 +87,16 @@ def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
 def resolve_package(flavour: str) -> tuple[str, str]:
     """The versioned image package behind ``linux-image-<flavour>`` and its version."""
     meta = f"linux-image-{flavour}"
-    out = _run(["apt-cache", "depends", meta])
-    found = re.findall(rf"Depends: (linux-image-[0-9][^\s]*-{re.escape(flavour)})\s*$", out, re.M)
+    # One apt-cache call: the metapackage pins its image, e.g.
+    # "Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)".
+    out = _run(["apt-cache", "show", "--no-all-versions", meta])
+    found = re.search(
+        rf"^Depends:.*?\b(linux-image-[0-9][^\s,]*-{re.escape(flavour)})(?:\s*\(=\s*([^)\s]+)\))?",
+        out, re.M,
+    )
     if not found:
-        raise KernelError(f"apt-cache depends {meta}: no linux-image-<release> dependency")
-    package = found[0]
-    policy = _run(["apt-cache", "policy", package])
-    match = re.search(r"Candidate:\s*(\S+)", policy)
-    version = match.group(1) if match and match.group(1) != "(none)" else ""
-    return package, version
+        raise KernelError(f"apt-cache show {meta}: no linux-image-<release> dependency")
+    return found.group(1), found.group(2) or ""
 
 
 def _lz4_block(src: memoryview, out: bytearray) -> None:
