@@ -68,30 +68,50 @@ def _images(kernel: KernelInfo) -> tuple[Path, Path]:
     return plugin, baseline
 
 
-async def first_200(vm: Vm, *, deadline: float) -> float:
-    """Poll GET / through the port forward; the monotonic time of the first 200.
+async def _probe(host: str, port: int, request: bytes) -> bool:
+    try:
+        stream = await trio.open_tcp_stream(host.encode(), port)
+        async with stream:
+            await stream.send_all(request)
+            head = await stream.receive_some(64)
+            return head.startswith(b"HTTP/1.1 200")
+    except (OSError, trio.BrokenResourceError):
+        return False
 
-    User networking accepts on the host side before the guest listens, then
-    closes: an empty or failed answer just means "not yet".
+
+async def first_200(vm: Vm, *, deadline: float, every: float = 0.05,
+                    patience: float = 3.0) -> float:
+    """The monotonic time of the first HTTP 200 through the port forward.
+
+    A probe starts every ``every`` seconds and may take ``patience``: user
+    networking accepts on the host side at once, and while the guest has no
+    address the attempt just hangs, so serial probes with a long timeout
+    would add up to that timeout to the figure, and short ones could cut off
+    a slow first answer.
     """
     address = vm.address
-    host, _, port = address.partition(":")
+    host, _, port_text = address.partition(":")
+    port = int(port_text)
     request = f"GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode()
-    while time.monotonic() < deadline:
-        if vm.exit_code is not None:
-            raise RuntimeError(f"QEMU exited ({vm.exit_code}) before an HTTP 200\n{vm.tail()}")
-        with trio.move_on_after(2):
-            try:
-                stream = await trio.open_tcp_stream(host.encode(), int(port))
-                async with stream:
-                    await stream.send_all(request)
-                    head = await stream.receive_some(64)
-                    if head.startswith(b"HTTP/1.1 200"):
-                        return time.monotonic()
-            except (OSError, trio.BrokenResourceError):
-                pass
-        await trio.sleep(0.02)
-    raise TimeoutError(f"no HTTP 200 from {address} within the deadline")
+    won: list[float] = []
+
+    async def attempt(cancel: trio.CancelScope) -> None:
+        with trio.move_on_after(patience):
+            if await _probe(host, port, request):
+                won.append(time.monotonic())
+                cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        while time.monotonic() < deadline and not won:
+            if vm.exit_code is not None:
+                raise RuntimeError(f"QEMU exited ({vm.exit_code}) before an HTTP 200\n{vm.tail()}")
+            nursery.start_soon(attempt, nursery.cancel_scope)
+            await trio.sleep(every)
+        if not won:
+            nursery.cancel_scope.cancel()
+    if not won:
+        raise TimeoutError(f"no HTTP 200 from {address} within the deadline")
+    return won[0]
 
 
 async def _one(kernel: KernelInfo, image: Path, *, kestrel: bool, cmdline: str,
