@@ -145,10 +145,15 @@ def _quiet_boot(fn: Any) -> Any:
     return wrapped
 
 
+# What volar boots with (host/monitor.py): under TCG every console byte is an
+# emulated UART write, so both sides get the same quiet kernel.
+BASE = "console=ttyS0 panic=-1 quiet loglevel=1"
+
+
 def _cmdlines() -> tuple[str, str]:
     manifest = (EXAMPLE / "manifest" / "caddy.json").read_bytes()
     channel = QemuDriver().agent_channel()
-    return build_cmdline(manifest_json=manifest, channel=channel), "console=ttyS0 panic=-1"
+    return build_cmdline(manifest_json=manifest, channel=channel, base=BASE), BASE
 
 
 @_quiet_boot
