@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev musl-tools make cpio zstd e2fsprogs \
-	qemu-system-x86 busybox-static caddy iproute2 util-linux curl
+	qemu-system-x86 busybox-static caddy iproute2 util-linux curl lz4
 export KESTREL_KERNEL_DIR ?= $(CURDIR)/.cache/kernel
 
 .PHONY: setup apt venv kernel lint test test-fast vm-test demo bench fuzz clean

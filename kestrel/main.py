@@ -123,6 +123,10 @@ def _main(t0: float) -> int:
         except spawn.SpawnError as exc:
             error = exc
     t_exec = time.clock_gettime(time.CLOCK_BOOTTIME)
+    if cfg.ip is not None and child is not None:
+        # Before trio: the workload is reachable from the host only once eth0
+        # has its address, and importing the agent takes seconds under TCG.
+        _network(cfg.ip.device, cfg.ip.address, cfg.ip.netmask, cfg.ip.gateway)
     # The workload runs: from here on imports cost the agent, not the workload.
     from kestrel import __version__
 
@@ -152,6 +156,23 @@ def _main(t0: float) -> int:
     a = agent_mod.Agent(cfg, manifest, timeline=timeline, boot_id=_boot_id())
     a.workload_env = env
     return trio.run(agent_mod.run, a, child, error, fatal)
+
+
+def _network(device: str, address: str, netmask: str, gateway: str) -> None:
+    """Configure eth0 from ip= if it exists by now (the shim loaded virtio_net).
+
+    If the device is not there yet the agent retries once it runs.
+    """
+    from kestrel import boot
+
+    if not os.path.exists(f"/sys/class/net/{device}"):
+        return
+    try:
+        if not boot.has_ipv4(device):
+            boot.configure_ipv4(device, address, netmask, gateway)
+            _console(f"kestrel: {device} {address}/{netmask} via {gateway or '-'}")
+    except OSError as exc:
+        _console(f"kestrel: network: {device}: {exc}")
 
 
 def _explicit_channel(params: dict[str, str]) -> Channel:
