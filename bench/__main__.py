@@ -62,7 +62,8 @@ def p1_guest(runs: int) -> list[Figure]:
         figs.insert(0, Figure("P1 guest kestrel_start -> workload_exec", unit="s",
                               value=Spread(gap, gap, gap, 1),
                               note="difference of the two marks' medians (guest uptime)"))
-    figs[0].note = f"QEMU (TCG) boots of the Caddy plugin, {timeline['runs']} runs"
+    qemu = f"QEMU (TCG) boots of the Caddy plugin, {timeline['runs']} runs"
+    figs[0].note = f"{figs[0].note}; {qemu}" if figs[0].note else qemu
     return figs
 
 
