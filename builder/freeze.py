@@ -49,7 +49,6 @@ DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "idna": ("idna",),
     "attrs": ("attr", "attrs"),
     "msgpack": ("msgpack",),
-    "psutil": ("psutil",),
     "h11": ("h11",),
 }
 

@@ -49,7 +49,7 @@ LOG_DRAIN_S = 2.0  # R6: a grandchild holding the pipe must not hold the exit re
 FINAL_FLUSH_S = 5.0
 HEARTBEAT_S = 5.0
 CONSOLE_MIRROR_BYTES = 64 * 1024  # the serial console is slow: mirror a bounded amount
-OUT_HIGH_WATER = 4 * 1024 * 1024
+OUT_HIGH_WATER = 1024 * 1024  # unsent bytes before log pumps wait for the host
 F_SETPIPE_SZ = 1031
 
 
@@ -130,8 +130,7 @@ class Agent:
             self._wake = trio.Event()
             if not self._out:
                 continue
-            data = bytes(self._out)
-            self._out.clear()
+            data, self._out = self._out, bytearray()  # hand over, no copy
             self._drained.set()
             self._drained = trio.Event()
             await stream.send_all(data)
@@ -325,23 +324,15 @@ class Agent:
     # --- periodic -----------------------------------------------------------
 
     async def heartbeat_loop(self) -> None:
-        import psutil  # after boot: metrics are not on the workload's critical path
+        from kestrel import metrics
 
-        me = psutil.Process()
         while True:
             await trio.sleep(HEARTBEAT_S)
             self.emit(Heartbeat(uptime=uptime(), state=self.state, health=self.health))
-            m = Metrics(uptime=uptime(), agent_rss=me.memory_info().rss, reaped=self.reaper.reaped)
-            vm = psutil.virtual_memory()
-            m.mem_total, m.mem_available = vm.total, vm.available
+            m = Metrics(uptime=uptime(), agent_rss=metrics.own_rss(), reaped=self.reaper.reaped)
+            m.mem_total, m.mem_available = metrics.memory()
             if self.child is not None:
-                try:
-                    p = psutil.Process(self.child.pid)
-                    m.workload_rss = p.memory_info().rss
-                    t = p.cpu_times()
-                    m.workload_cpu_s = t.user + t.system
-                except psutil.Error:
-                    pass
+                m.workload_rss, m.workload_cpu_s = metrics.group_usage(self.child.pgid)
             self.emit(m)
 
     async def network_setup(self) -> None:

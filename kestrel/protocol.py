@@ -317,7 +317,9 @@ class GuestSession:
         *,
         agent: str,
         boot_id: str,
-        max_buffer_bytes: int = 16 * 1024 * 1024,
+        # Bounded by memory: the agent's whole budget is ~20 MB. At 100 MB/s
+        # this covers a short disconnect; longer ones get a Dropped record.
+        max_buffer_bytes: int = 4 * 1024 * 1024,
         max_buffer_records: int = 100_000,
     ) -> None:
         self.agent = agent

@@ -93,12 +93,13 @@ def run_in_empty_root(
     )
 
 
-def test_bundle_runs_trio_msgpack_psutil_h11_as_pid_1_in_an_empty_root(
+def test_bundle_runs_trio_msgpack_h11_and_kestrel_metrics_as_pid_1_in_an_empty_root(
     frozen: FrozenAgent, tmp_path: Path
 ) -> None:
     proc = run_in_empty_root(frozen, tmp_path, """
         import os, sys
-        import h11, msgpack, psutil, trio
+        import h11, msgpack, trio
+        from kestrel import metrics
         from msgpack import _cmsgpack  # the C extension, not the pure-Python fallback
 
         assert os.getpid() == 1
@@ -116,7 +117,7 @@ def test_bundle_runs_trio_msgpack_psutil_h11_as_pid_1_in_an_empty_root(
         assert trio.run(main) == "from-trio"
         pid = os.posix_spawn("/bin/busybox", ["busybox", "true"], {})
         assert os.waitpid(pid, 0)[1] == 0
-        assert psutil.Process().memory_info().rss > 0
+        assert metrics.own_rss() > 0 and metrics.memory()[0] > 0
         # _socket encodes every str host with the idna codec, numeric ones included.
         import socket
         assert socket.getaddrinfo("127.0.0.1", 80, type=socket.SOCK_STREAM)

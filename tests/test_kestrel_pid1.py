@@ -395,3 +395,21 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
+
+
+async def test_metrics_report_the_workload_groups_memory_and_the_guest() -> None:
+    from kestrel.protocol import Heartbeat, Metrics
+
+    async def scenario(k: Kestrel) -> None:
+        await k.wait_for(lambda r: bool(r.of(Metrics)), timeout=20)
+        await k.send(Stop(grace_s=1))
+
+    # A group of two: the shell and a child holding 20 MB of its own.
+    hog = f"{PY} -c 'b = bytearray(20_000_000); import time; time.sleep(30)'"
+    run = await run_kestrel(manifest(["/bin/sh", "-c", f"{hog} & wait"], type="http",
+                                     base_url="http://127.0.0.1:1"), scenario=scenario)
+    (m, *_) = run.of(Metrics)
+    assert m.workload_rss > 20_000_000  # the whole group, not just its leader
+    assert 0 < m.mem_available <= m.mem_total
+    assert 0 < m.agent_rss < 200 * 1024 * 1024
+    assert run.of(Heartbeat)

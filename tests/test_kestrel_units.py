@@ -110,3 +110,17 @@ def test_boot_path_imports_nothing_heavy() -> None:
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)), check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_proc_stat_parsing_survives_odd_process_names() -> None:
+    from kestrel import metrics
+
+    # comm may hold spaces and ')' (a process can name itself anything).
+    line = "42 (we ird) name) S 1 42 42 0 -1 0 0 0 0 0 300 100 0 0 20 0 1 0 5 1000 250 0"
+    pgrp, cpu, rss = metrics.parse_stat(line)
+    assert pgrp == 42
+    assert cpu == 400 / metrics.CLK_TCK
+    assert rss == 250 * metrics.PAGE_SIZE
+    total, available = metrics.parse_meminfo("MemTotal: 1000 kB\nMemFree: 5 kB\n"
+                                             "MemAvailable: 600 kB\n")
+    assert (total, available) == (1000 * 1024, 600 * 1024)
