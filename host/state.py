@@ -168,6 +168,9 @@ class Store:
         try:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(state_dir, 0o700)
+            # Created 0600 before SQLite opens it; its -wal/-shm files copy
+            # the database file's mode.
+            os.close(os.open(state_dir / "state.db", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
             self.db = sqlite3.connect(
                 state_dir / "state.db", timeout=10.0, isolation_level=None
             )
