@@ -19,7 +19,7 @@ from harness import boot
 from host.kernel import KernelInfo
 from host.qemu import QemuDriver
 from kestrel.cmdline import build_cmdline
-from kestrel.protocol import Exit, Log, Oom
+from kestrel.protocol import Exit, Log, Oom, Stop
 
 BOOT_S = 150
 
@@ -100,4 +100,24 @@ async def test_an_oom_kill_is_reported_before_the_exit(
     (exit_msg,) = vm.of(Exit)
     assert (exit_msg.signal, exit_msg.status) == (9, 137)
     assert oom.seq < exit_msg.seq and oom.pid == exit_msg.pid
+    assert "Kernel panic" not in vm.console_text()
+
+
+async def test_a_full_tmp_leaves_the_agent_responsive(
+    kernel: KernelInfo, kestrel_image: Path, run_dir: Path
+) -> None:
+    # /tmp is a tmpfs sized at half the guest's RAM: fill it, then ask kestrel
+    # to stop. It must still report and power off on time.
+    script = ("dd if=/dev/zero of=/tmp/fill bs=1M 2>/dev/null; echo tmp-full; "
+              "df /tmp | tail -1; while :; do sleep 1; done")
+    line = _cmdline(_manifest({"type": "http", "entrypoint": ["/bin/sh", "-c", script],
+                               "base_url": "http://127.0.0.1:1"}))
+    async with boot(kernel=kernel.vmlinux, initramfs=kestrel_image, run_dir=run_dir,
+                    cmdline=line, memory_mb=256) as vm:
+        await vm.until(lambda: b"tmp-full" in _stdout(vm), timeout=BOOT_S, what="/tmp full")
+        await vm.send(Stop(grace_s=1))
+        assert await vm.wait_exit(timeout=60) == 0
+    assert b"100%" in _stdout(vm)
+    (exit_msg,) = vm.of(Exit)
+    assert exit_msg.signal == 15
     assert "Kernel panic" not in vm.console_text()
