@@ -272,8 +272,9 @@ def _decode_body(payload: bytes) -> Message:
         if isinstance(value, bool) or not isinstance(value, accepted):
             raise ProtocolError(f"{kind}.{name}: unexpected {type(value).__name__}")
         kwargs[name] = value
-    if "seq" in schema and kwargs.get("seq", 0) < 0:
-        raise ProtocolError(f"{kind}.seq: negative")
+    for counter in ("seq", "last_seq", "first_seq", "count"):
+        if kwargs.get(counter, 0) < 0:
+            raise ProtocolError(f"{kind}.{counter}: negative")
     return cls(**kwargs)
 
 

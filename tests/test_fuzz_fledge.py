@@ -138,7 +138,6 @@ def test_fuzz_fledge_arbitrary_bytes(data: bytes) -> None:
 # generators above so the properties stay green until they are fixed:
 # Path.expanduser() raises RuntimeError for "~unknownuser/..." and
 # Path.exists() raises OSError(ENAMETOOLONG) for a name over 255 bytes.
-@pytest.mark.xfail(reason="builder/config.py host_path: RuntimeError/OSError escape", strict=False)
 @pytest.mark.parametrize(
     "source", ["~nosuchuser-kestrel/x", "x" * 5000, "/" + "y" * 300],
     ids=["unknown-user-home", "name-too-long", "abs-name-too-long"],

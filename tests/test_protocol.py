@@ -63,7 +63,8 @@ def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
     kwargs = {}
     for name, accepted in _SCHEMA[cls].items():
         kwargs[name] = (
-            st.integers(0, _U64) if name == "seq" else _FIELD_STRATEGIES[accepted]
+            st.integers(0, _U64) if name in ("seq", "last_seq", "first_seq", "count")
+            else _FIELD_STRATEGIES[accepted]
         )
     return st.builds(cls, **kwargs)
 
@@ -447,3 +448,18 @@ SessionMachine.TestCase.settings = settings(
     max_examples=SessionMachine.TestCase.settings.max_examples, stateful_step_count=40
 )
 test_session_machine = SessionMachine.TestCase
+
+
+def test_negative_counters_from_a_peer_are_protocol_errors() -> None:
+    import msgpack
+    import pytest as _pytest
+
+    from kestrel.protocol import FrameDecoder, ProtocolError
+
+    for body in ({"t": "attach", "last_seq": -5}, {"t": "ack", "seq": -1},
+                 {"t": "dropped", "count": -3, "first_seq": 1, "last_seq": 2, "seq": 9}):
+        payload = msgpack.packb(body)
+        d = FrameDecoder()
+        d.feed(len(payload).to_bytes(4, "big") + payload)
+        with _pytest.raises(ProtocolError, match="negative"):
+            list(d)
