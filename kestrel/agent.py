@@ -254,19 +254,22 @@ class Agent:
         self.child = child
         self.reaper.watch(child.pid)
         self.set_state("running", f"pid {child.pid}")
-        async with trio.open_nursery() as pumps:
-            pumps.start_soon(self._pump, child.stdout_fd, "stdout")
-            pumps.start_soon(self._pump, child.stderr_fd, "stderr")
-            async with trio.open_nursery() as watchers:
-                check = self.manifest.health_check if self.manifest else None
-                if workload.base_url and check and workload.type != "exec":
-                    watchers.start_soon(health.watch, workload.base_url, check, self._on_health)
-                status = await self.reaper.wait(child.pid)
-                watchers.cancel_scope.cancel()
-            nursery.start_soon(self._kill_group_later, child.pgid)
-            with trio.move_on_after(LOG_DRAIN_S):
-                await _wait_children_done(pumps)
-            pumps.cancel_scope.cancel()
+        # The pumps' nursery ends when both pipes reach EOF; once the main
+        # process is gone, a deadline stops a grandchild holding a pipe from
+        # holding the exit report too (R6).
+        with trio.CancelScope() as drain:
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(self._pump, child.stdout_fd, "stdout")
+                pumps.start_soon(self._pump, child.stderr_fd, "stderr")
+                async with trio.open_nursery() as watchers:
+                    check = self.manifest.health_check if self.manifest else None
+                    if workload.base_url and check and workload.type != "exec":
+                        watchers.start_soon(health.watch, workload.base_url, check,
+                                            self._on_health)
+                    status = await self.reaper.wait(child.pid)
+                    watchers.cancel_scope.cancel()
+                nursery.start_soon(self._kill_group_later, child.pgid)
+                drain.deadline = trio.current_time() + LOG_DRAIN_S
         if status.signal == signal.SIGKILL and oom_kills() > child.oom_kills_before >= 0:
             self.emit(Oom(pid=child.pid, detail="killed by the kernel OOM killer"))
             console(f"workload pid {child.pid} was OOM-killed")
@@ -357,11 +360,6 @@ class Agent:
             while self.session.buffered:
                 self._acked = trio.Event()
                 await self._acked.wait()
-
-
-async def _wait_children_done(nursery: trio.Nursery) -> None:
-    while nursery.child_tasks:
-        await trio.sleep(0.01)
 
 
 async def run(agent: Agent, child: Child | None, error: SpawnError | None,
