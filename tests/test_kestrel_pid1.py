@@ -413,3 +413,14 @@ async def test_metrics_report_the_workload_groups_memory_and_the_guest() -> None
     assert 0 < m.mem_available <= m.mem_total
     assert 0 < m.agent_rss < 200 * 1024 * 1024
     assert run.of(Heartbeat)
+
+
+async def test_killed_subshell_with_a_background_child_never_hangs_1000_runs() -> None:
+    # tini's regression case: the inner bash kills itself while its child
+    # lives on as an orphan; the outer bash must still be reaped and reported.
+    script = "bash -c 'sleep 0.01 & kill -9 $BASHPID'; sleep 0.0087"
+    run = await run_kestrel(
+        manifest(["/bin/bash", "-c", script], restart=always(999)), timeout=300
+    )
+    assert len(run.exits) == 1000
+    assert {e.status for e in run.exits} == {0}
