@@ -170,7 +170,9 @@ class Agent:
                     n.start_soon(self._writer, stream)
                     await self._reader(stream, outer)
                     n.cancel_scope.cancel()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # A nursery raises an ExceptionGroup: a reset seen by the reader or
+            # the writer is the host going away, not a kestrel failure.
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             self.session.detach()
             self._out.clear()
