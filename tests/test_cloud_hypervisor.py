@@ -247,11 +247,11 @@ async def test_guest_initiated_connection_is_accepted_on_socket_port(tmp_path: P
 @pytest.fixture
 def netns() -> Iterator[str]:
     if shutil.which("ip") is None or os.geteuid() != 0:
-        pytest.skip("needs root and iproute2 (`ip`) to create a network namespace")
+        pytest.skip(reason="needs root and iproute2 (`ip`) to create a network namespace")
     name = f"kestrel-test-{uuid.uuid4().hex[:8]}"
     done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {done.stderr.strip()}")
+        pytest.skip(reason=f"cannot create a network namespace: {done.stderr.strip()}")
     try:
         yield name
     finally:
@@ -290,19 +290,21 @@ def test_real_cloud_hypervisor_boot(tmp_path: Path, capsys: pytest.CaptureFixtur
     from tests.host_helpers import Volar, write_plugin
 
     if shutil.which("cloud-hypervisor") is None:
-        pytest.skip("needs the cloud-hypervisor binary (not installed here: not in Debian 12 "
-                    "or on PyPI) and a /dev/kvm that boots normal kernels (PVM-only here)")
+        pytest.skip(reason="needs the cloud-hypervisor binary (not installed here: not in "
+                    "Debian 12 or on PyPI) and a /dev/kvm that boots normal kernels "
+                    "(PVM-only here)")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("needs a usable /dev/kvm for cloud-hypervisor")
+        pytest.skip(reason="needs a usable /dev/kvm for cloud-hypervisor")
     if os.geteuid() != 0:
-        pytest.skip("needs root for the vbr0 bridge and the tap device")
+        pytest.skip(reason="needs root for the vbr0 bridge and the tap device")
     vmlinux = kernel_dir() / "current" / "vmlinux"
     if not vmlinux.is_file():
-        pytest.skip(f"needs a guest kernel at {vmlinux} (`volar kernel fetch`)")
+        pytest.skip(reason=f"needs a guest kernel at {vmlinux} (`volar kernel fetch`)")
     image = Path(os.environ.get("KESTREL_CH_IMAGE",
                                 REPO / ".cache" / "caddy-demo" / "plugin.cpio.gz"))
     if not image.is_file():
-        pytest.skip(f"needs a kestrel Caddy image at {image} (make demo, or KESTREL_CH_IMAGE)")
+        pytest.skip(reason=f"needs a kestrel Caddy image at {image} "
+                    "(make demo, or KESTREL_CH_IMAGE)")
     volar = Volar(tmp_path / "state", capsys)
     manifest = write_plugin(tmp_path / "p", payload=image.read_bytes(),
                             entrypoint=["/usr/bin/caddy", "run", "--config",

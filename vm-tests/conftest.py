@@ -23,17 +23,17 @@ BUSYBOX = Path("/bin/busybox")
 @pytest.fixture(scope="session")
 def kernel() -> KernelInfo:
     if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+        pytest.skip(reason="qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     try:
         return fetch_kernel(quiet=True)
     except KernelError as exc:
-        pytest.skip(f"no guest kernel: {exc}")
+        pytest.skip(reason=f"no guest kernel: {exc}")
 
 
 @pytest.fixture(scope="session")
 def busybox() -> Path:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing (apt-get install busybox-static)")
+        pytest.skip(reason=f"{BUSYBOX} missing (apt-get install busybox-static)")
     return BUSYBOX
 
 

@@ -33,14 +33,14 @@ def test_quick_start_walkthrough_answers_hello(kernel: KernelInfo, run_dir: Path
     try:
         fetch_caddy(quiet=True)
     except FetchError as exc:
-        pytest.skip(f"no static caddy for the example: {exc}")
+        pytest.skip(reason=f"no static caddy for the example: {exc}")
     answer = demo(work=run_dir, timeout=300)
     assert EXPECTED in answer
 
 
 async def test_debian_caddy_runs_with_host_libraries(kernel: KernelInfo, run_dir: Path) -> None:
     if not Path("/usr/bin/caddy").is_file():
-        pytest.skip("Debian's caddy is not installed (apt-get install caddy)")
+        pytest.skip(reason="Debian's caddy is not installed (apt-get install caddy)")
     image = fledge_build(EXAMPLE / "fledge-debian.toml", run_dir / "debian.cpio.gz")
     manifest = (EXAMPLE / "manifest" / "caddy.json").read_bytes()
     json.loads(manifest)  # the example must stay valid JSON

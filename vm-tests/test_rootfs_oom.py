@@ -37,7 +37,7 @@ def _cmdline(manifest_json: bytes, **extra: str) -> str:
 
 def _ext4_with_marker(tmp: Path, busybox: Path) -> Path:
     if shutil.which("mkfs.ext4") is None:
-        pytest.skip("mkfs.ext4 is missing (apt-get install e2fsprogs)")
+        pytest.skip(reason="mkfs.ext4 is missing (apt-get install e2fsprogs)")
     root = tmp / "rootfs"
     for d in ("bin", "etc", "proc", "sys", "dev", "run", "tmp"):
         (root / d).mkdir(parents=True)
