@@ -9,7 +9,6 @@ which we listen on before the VM boots. Stop goes through the REST API
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import trio
 
 from host.chapi import ChApiError, CloudHypervisorApi
 from host.ipam import BRIDGE, GATEWAY, SUBNET
-from host.vmm import LaunchSpec, Running, VmmError
+from host.vmm import LaunchSpec, Running, VmmError, prepare_launch
 from kestrel.cmdline import Channel
 from kestrel.layout import VSOCK_PORT
 
@@ -157,12 +156,7 @@ class CloudHypervisorDriver:
         self._listeners[spec.name] = trio.SocketListener(sock)
 
     async def start(self, spec: LaunchSpec) -> Running:
-        if shutil.which(self.binary) is None:
-            raise VmmError(f"{self.binary} not found on PATH (install cloud-hypervisor)")
-        for path, what in ((spec.kernel, "kernel"), (spec.initramfs, "initramfs")):
-            if not path.is_file():
-                raise VmmError(f"{what} {path} does not exist")
-        spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prepare_launch(spec, binary=self.binary, install_hint="install cloud-hypervisor")
         api, vsock, console = _paths(spec)
         for stale in (api, vsock, vsock_listen_path(vsock, VSOCK_PORT), console):
             stale.unlink(missing_ok=True)

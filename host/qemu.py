@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 import trio
 
 from host.qmp import QmpClient, QmpError
-from host.vmm import LaunchSpec, Running, VmmError
+from host.vmm import LaunchSpec, Running, VmmError, prepare_launch
 from kestrel.cmdline import Channel, parse_cmdline
 from kestrel.layout import SERIAL_PORT_NAME
 
@@ -164,12 +163,7 @@ class QemuDriver:
     # --- lifecycle --------------------------------------------------------------
 
     async def start(self, spec: LaunchSpec) -> Running:
-        if shutil.which(self.binary) is None:
-            raise VmmError(f"{self.binary} not found (apt-get install qemu-system-x86)")
-        for path, what in ((spec.kernel, "kernel"), (spec.initramfs, "initramfs")):
-            if not path.is_file():
-                raise VmmError(f"{what} {path} does not exist")
-        spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prepare_launch(spec, binary=self.binary, install_hint="apt-get install qemu-system-x86")
         for stale in ("agent.sock", "qmp.sock", "console.log"):
             (spec.run_dir / stale).unlink(missing_ok=True)
         console = spec.run_dir / "console.log"

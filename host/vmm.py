@@ -7,6 +7,7 @@ monitor a byte stream to kestrel, and stops the VMM when asked. The monitor
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +36,16 @@ class LaunchSpec:
     host_port: int = 0
     disks: tuple[Path, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_launch(spec: LaunchSpec, *, binary: str, install_hint: str) -> None:
+    """What every driver checks before starting: the VMM, the boot files, a private run dir."""
+    if shutil.which(binary) is None:
+        raise VmmError(f"{binary} not found ({install_hint})")
+    for path, what in ((spec.kernel, "kernel"), (spec.initramfs, "initramfs")):
+        if not path.is_file():
+            raise VmmError(f"{what} {path} does not exist")
+    spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 @dataclass

@@ -349,12 +349,9 @@ class Agent:
         with trio.move_on_after(10):
             while not os.path.exists(f"/sys/class/net/{ip.device}"):
                 await trio.sleep(0.02)
-        try:
-            if not boot.has_ipv4(ip.device):
-                boot.configure_ipv4(ip.device, ip.address, ip.netmask, ip.gateway)
-                console(f"{ip.device} {ip.address}/{ip.netmask} via {ip.gateway or '-'}")
-        except OSError as exc:
-            console(f"network: {ip.device}: {exc}")
+        line = boot.setup_ipv4(ip)
+        if line:
+            console(line)
 
     async def flush(self, deadline_s: float) -> None:
         """Wait until the host has acknowledged every record, or the deadline."""

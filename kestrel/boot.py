@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kestrel.cmdline import IpConfig
+
 # (target, fstype, source, flags, data, mode): the mounts a workload expects.
 # Flags follow Volant's stage 2 and systemd's defaults.
 MOUNTS = (
@@ -137,6 +141,21 @@ def configure_ipv4(name: str, address: str, netmask: str, gateway: str) -> None:
                 pass
     finally:
         s.close()
+
+
+def setup_ipv4(ip: IpConfig) -> str:
+    """Apply ``ip=`` once its device exists; a line for the console, "" if nothing to do.
+
+    Called right after the spawn (the shim has usually loaded virtio_net by
+    then) and again by the agent, which waits for a late device.
+    """
+    if not os.path.exists(f"/sys/class/net/{ip.device}") or has_ipv4(ip.device):
+        return ""
+    try:
+        configure_ipv4(ip.device, ip.address, ip.netmask, ip.gateway)
+    except OSError as exc:
+        return f"network: {ip.device}: {exc}"
+    return f"{ip.device} {ip.address}/{ip.netmask} via {ip.gateway or '-'}"
 
 
 def set_hostname(name: str) -> None:

@@ -126,7 +126,9 @@ def _main(t0: float) -> int:
     if cfg.ip is not None and child is not None:
         # Before trio: the workload is reachable from the host only once eth0
         # has its address, and importing the agent takes seconds under TCG.
-        _network(cfg.ip.device, cfg.ip.address, cfg.ip.netmask, cfg.ip.gateway)
+        line = boot.setup_ipv4(cfg.ip)
+        if line:
+            _console(f"kestrel: {line}")
     # The workload runs: from here on imports cost the agent, not the workload.
     from kestrel import __version__
 
@@ -156,23 +158,6 @@ def _main(t0: float) -> int:
     a = agent_mod.Agent(cfg, manifest, timeline=timeline, boot_id=_boot_id())
     a.workload_env = env
     return trio.run(agent_mod.run, a, child, error, fatal)
-
-
-def _network(device: str, address: str, netmask: str, gateway: str) -> None:
-    """Configure eth0 from ip= if it exists by now (the shim loaded virtio_net).
-
-    If the device is not there yet the agent retries once it runs.
-    """
-    from kestrel import boot
-
-    if not os.path.exists(f"/sys/class/net/{device}"):
-        return
-    try:
-        if not boot.has_ipv4(device):
-            boot.configure_ipv4(device, address, netmask, gateway)
-            _console(f"kestrel: {device} {address}/{netmask} via {gateway or '-'}")
-    except OSError as exc:
-        _console(f"kestrel: network: {device}: {exc}")
 
 
 def _explicit_channel(params: dict[str, str]) -> Channel:
