@@ -13,16 +13,22 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from kestrel.cmdline import IpConfig
 
+# <sys/mount.h>
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+
 # (target, fstype, source, flags, data, mode): the mounts a workload expects.
 # Flags follow Volant's stage 2 and systemd's defaults.
 MOUNTS = (
-    ("/proc", "proc", "proc", 2 | 4 | 8, "", 0o555),
-    ("/sys", "sysfs", "sysfs", 2 | 4 | 8, "", 0o555),
-    ("/dev", "devtmpfs", "devtmpfs", 2, "mode=0755", 0o755),
-    ("/dev/pts", "devpts", "devpts", 2 | 8, "mode=0620,gid=5,ptmxmode=0666", 0o755),
-    ("/dev/shm", "tmpfs", "shm", 2 | 4, "mode=1777", 0o1777),
-    ("/run", "tmpfs", "tmpfs", 2 | 4, "mode=0755", 0o755),
-    ("/tmp", "tmpfs", "tmpfs", 2 | 4, "mode=1777", 0o1777),
+    ("/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "", 0o555),
+    ("/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "", 0o555),
+    ("/dev", "devtmpfs", "devtmpfs", MS_NOSUID, "mode=0755", 0o755),
+    ("/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,gid=5,ptmxmode=0666",
+     0o755),
+    ("/dev/shm", "tmpfs", "shm", MS_NOSUID | MS_NODEV, "mode=1777", 0o1777),
+    ("/run", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", 0o755),
+    ("/tmp", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0o1777),
 )
 
 
@@ -68,7 +74,6 @@ SIOCSIFADDR = 0x8916
 SIOCSIFNETMASK = 0x891C
 SIOCADDRT = 0x890B
 IFF_UP = 0x1
-IFF_RUNNING = 0x40
 RTF_UP = 0x1
 RTF_GATEWAY = 0x2
 

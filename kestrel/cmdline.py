@@ -20,7 +20,6 @@ COMMAND_LINE_SIZE = 2048
 
 GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_VSOCK_PORT = 9000
-DEFAULT_STOP_GRACE_S = 10.0
 
 
 class CmdlineError(ValueError):

@@ -1,4 +1,4 @@
-"""The few Linux syscalls the os module lacks: mount, umount2, reboot.
+"""The few Linux syscalls the os module lacks: mount and reboot.
 
 ctypes is imported on first use only: in a VM the shim has already mounted
 everything, so the common boot path never pays for it.
@@ -13,16 +13,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 # <sys/mount.h>
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_RDONLY = 1
 MS_MOVE = 8192
 MS_BIND = 4096
-MNT_DETACH = 2
-# <linux/reboot.h>: magic-free libc wrapper commands.
+# <linux/reboot.h>, as the libc wrapper takes it (the magic numbers are added by libc).
 RB_POWER_OFF = 0x4321FEDC
-RB_AUTOBOOT = 0x01234567
 
 _libc = None
 
@@ -50,10 +44,6 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
         lib.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None),
         f"mount {fstype} on {target}",
     )
-
-
-def umount(target: str, flags: int = 0) -> None:
-    _check(_lib().umount2(target.encode(), flags), f"umount {target}")
 
 
 def reboot(cmd: int) -> None:
