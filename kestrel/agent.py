@@ -72,6 +72,7 @@ class Agent:
         *,
         timeline: dict[str, float],
         boot_id: str,
+        workload_env: dict[str, str],
     ) -> None:
         self.cfg = cfg
         self.manifest = manifest
@@ -94,7 +95,7 @@ class Agent:
         self._mirror_left = CONSOLE_MIRROR_BYTES
         self._ever_attached = False
         self._acked = trio.Event()
-        self.workload_env: dict[str, str] = {}
+        self.workload_env = workload_env  # what restarts spawn with
 
     # --- output -------------------------------------------------------------
 

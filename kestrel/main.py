@@ -155,8 +155,7 @@ def _main(t0: float) -> int:
     timeline = {"kestrel_start": t0}
     if child is not None:
         timeline["workload_exec"] = t_exec
-    a = agent_mod.Agent(cfg, manifest, timeline=timeline, boot_id=_boot_id())
-    a.workload_env = env
+    a = agent_mod.Agent(cfg, manifest, timeline=timeline, boot_id=_boot_id(), workload_env=env)
     return trio.run(agent_mod.run, a, child, error, fatal)
 
 
