@@ -128,16 +128,22 @@ async def run_kestrel(
     if "kestrel.channel=" not in cmdline or "kestrel.channel=vsock" in cmdline:
         raise AssertionError("tests must give kestrel.channel=unix:... or serial:...")
     (tmp / "cmdline").write_text(cmdline.strip() + "\n")
+    python, flags = sys.executable, "-I"
     boot = (
         f"import sys; sys.path.insert(0, {str(REPO)!r}); "
         "from kestrel.main import main; main()"
     )
+    if os.environ.get("KESTREL_TEST_FROZEN"):
+        # The bundle's interpreter sees only its own zip (its ._pth), so this
+        # is the kestrel an image runs, stubs and all (builder/freeze.py).
+        python, flags = str(frozen_python()), "-IOO"
+        boot = "from kestrel.main import main; main()"
     argv = [
         "setpriv", "--bounding-set", "-sys_module",
         "unshare", "-pfmun", "--mount-proc", "--kill-child",
         "sh", "-c",
-        'mount --bind "$0" /proc/cmdline && exec "$1" -I -c "$2"',
-        str(tmp / "cmdline"), sys.executable, boot,
+        'mount --bind "$0" /proc/cmdline && exec "$1" "$3" -c "$2"',
+        str(tmp / "cmdline"), python, boot, flags,
     ]
     k = Kestrel(run)
     try:
@@ -169,6 +175,20 @@ async def run_kestrel(
         if run.returncode == POWEROFF_STATUS:
             shutil.rmtree(tmp, ignore_errors=True)
     return run
+
+
+_frozen: Path | None = None
+
+
+def frozen_python() -> Path:
+    """The frozen kestrel's interpreter (built once, cached like fledge's)."""
+    global _frozen
+    if _frozen is None:
+        from builder.freeze import PREFIX, PY_TAG, freeze_kestrel
+
+        agent = freeze_kestrel(cache_dir=REPO / ".cache" / "test-freeze")
+        _frozen = agent.root / str(PREFIX).lstrip("/") / "bin" / PY_TAG
+    return _frozen
 
 
 def _child_of(pid: int) -> int:

@@ -110,9 +110,10 @@ def test_bundle_runs_trio_msgpack_h11_and_kestrel_metrics_as_pid_1_in_an_empty_r
         async def main():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.sleep, 0)
-            done = await trio.run_process(["/bin/busybox", "echo", "from-trio"],
-                                          capture_stdout=True)
-            return done.stdout.decode().strip()
+            a, b = trio.socket.socketpair()
+            with a, b:
+                await a.send(b"from-trio")
+                return (await b.recv(64)).decode()
 
         assert trio.run(main) == "from-trio"
         pid = os.posix_spawn("/bin/busybox", ["busybox", "true"], {})
@@ -163,6 +164,25 @@ def test_using_tls_fails_with_a_clear_error(frozen: FrozenAgent, tmp_path: Path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ("ERROR: ssl.create_default_context: TLS is not available in kestrel's frozen agent"
             in proc.stdout)
+
+
+def test_parts_of_trio_kestrel_never_calls_fail_with_a_clear_error(
+    frozen: FrozenAgent, tmp_path: Path
+) -> None:
+    # Stubbed at freeze time (builder/freeze.STUBBED) to keep PID 1 small.
+    proc = run_in_empty_root(frozen, tmp_path, """
+        import datetime, trio
+        assert datetime.datetime(1970, 1, 2, tzinfo=datetime.timezone.utc).timestamp() == 86400
+        for use in (lambda: trio.run_process(["true"]), lambda: trio.Path("/"),
+                    lambda: trio.DTLSEndpoint(None)):
+            try:
+                use()
+            except RuntimeError as exc:
+                print("ERROR:", exc)
+    """)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("trio._subprocess.run_process", "trio._path.Path", "trio._dtls.DTLSEndpoint"):
+        assert f"ERROR: {name} is not available in kestrel's frozen agent" in proc.stdout
 
 
 def test_a_locale_the_image_lacks_falls_back_to_utf8(
