@@ -40,7 +40,7 @@ def p1(runs: int) -> list[Figure]:
 
 def p1_guest(runs: int) -> list[Figure]:
     """kestrel's boot marks under QEMU (guest uptime), from bench.boot."""
-    fig = Figure("P1 guest boot timeline", unit="s")
+    fig = Figure("P1 guest boot timeline", id="P1-guest", unit="s")
     try:
         timeline = _boot_module().boot_timeline(runs)
     except Exception as exc:  # another helper's module: any failure is a missing figure
@@ -48,10 +48,10 @@ def p1_guest(runs: int) -> list[Figure]:
         return [fig]
     figs = []
     for mark, p in timeline.get("guest_uptime_s", {}).items():
-        figs.append(Figure(f"P1 guest uptime at {mark}", unit="s",
+        figs.append(Figure(f"P1 guest uptime at {mark}", id=f"P1-guest-{mark}", unit="s",
                            value=Spread(p["p50"], p["p10"], p["p90"], timeline["runs"])))
     for mark, p in timeline.get("host_since_launch_s", {}).items():
-        figs.append(Figure(f"P1 host: launch -> {mark}", unit="s",
+        figs.append(Figure(f"P1 host: launch -> {mark}", id=f"P1-host-{mark}", unit="s",
                            value=Spread(p["p50"], p["p10"], p["p90"], timeline["runs"])))
     if not figs:
         fig.na = "bench.boot.boot_timeline returned no marks"
@@ -59,7 +59,8 @@ def p1_guest(runs: int) -> list[Figure]:
     marks = timeline.get("guest_uptime_s", {})
     if "kestrel_start" in marks and "workload_exec" in marks:
         gap = marks["workload_exec"]["p50"] - marks["kestrel_start"]["p50"]
-        figs.insert(0, Figure("P1 guest kestrel_start -> workload_exec", unit="s",
+        figs.insert(0, Figure("P1 guest kestrel_start -> workload_exec", id="P1-guest",
+                              unit="s",
                               value=Spread(gap, gap, gap, 1),
                               note="difference of the two marks' medians (guest uptime)"))
     qemu = f"QEMU (TCG) boots of the Caddy plugin, {timeline['runs']} runs"
@@ -80,7 +81,8 @@ def p3_p5(runs: int) -> list[Figure]:
 
 
 def p4(runs: int) -> list[Figure]:
-    fig = Figure("P4 launch -> first HTTP 200 (Caddy, QEMU)", unit="s", goal="ratio <= 1.15",
+    fig = Figure("P4 launch -> first HTTP 200 (Caddy, QEMU)", id="P4", unit="s",
+                 goal="ratio <= 1.15",
                  baseline_label="shell /init")
     try:
         r = _boot_module().measure_p4(max(1, runs // 3))
@@ -89,8 +91,20 @@ def p4(runs: int) -> list[Figure]:
         return [fig]
     fig.value, fig.baseline = Spread.of(r["kestrel_s"]), Spread.of(r["shell_s"])
     fig.goal = f"ratio <= {r.get('goal', 1.15)}"
-    fig.note = f"{r.get('machine', '?')} machine, TCG, {r['runs']} interleaved runs"
-    return [fig]
+    fig.note = (f"{r.get('machine', '?')} machine, TCG, {r['runs']} interleaved runs, "
+                f"agent channel {r.get('channel', '?')}")
+    fig.extra = {k: r[k] for k in ("kestrel_s", "shell_s", "kestrel_health_event_s", "channel")
+                 if k in r}
+    # The limit P4 must hold: kestrel yielding the CPU must not delay the host's
+    # news that the workload is healthy.
+    health = Figure("P4 first health event after the first HTTP 200", id="P4-health", unit="s",
+                    goal="value <= 1.0")
+    if r.get("health_after_200_s"):
+        health.value = Spread.of(r["health_after_200_s"])
+        health.note = "host clock: the health event's arrival minus the first 200 seen, per run"
+    else:
+        health.na = "no health event arrived in any run"
+    return [fig, health]
 
 
 def p6(runs: int) -> list[Figure]:
@@ -127,8 +141,9 @@ def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 def volar_list(runs: int) -> list[Figure]:
     """`volar vms list` over 100 stopped VMs in a scratch state dir, vs sqlite3 alone."""
-    wall = Figure("volar vms list, 100 rows", unit="s", baseline_label="python3 + sqlite3 rows")
-    mem = Figure("volar vms list, 100 rows: peak RSS", unit="MB",
+    wall = Figure("volar vms list, 100 rows", id="volar-list", unit="s",
+                  baseline_label="python3 + sqlite3 rows")
+    mem = Figure("volar vms list, 100 rows: peak RSS", id="volar-list-rss", unit="MB",
                  baseline_label="python3 + sqlite3 rows")
     try:
         from host.state import Store
@@ -164,9 +179,14 @@ def volar_list(runs: int) -> list[Figure]:
     return [wall, mem]
 
 
+# Runner key -> the function measuring its rows. A new figure (P7-restore,
+# P7-snapshot, a containerd row) is one more entry; its rows carry their own ids.
 FIGURES: dict[str, Callable[[int], list[Figure]]] = {
     "P1": p1, "P2": p2, "P3": p3_p5, "P4": p4, "P6": p6, "P1guest": p1_guest, "volar": volar_list,
 }
+# Row ids that another runner produces (for --only).
+ALIASES = {"P2-flood": "P2", "P3-zstd": "P3", "P5": "P3", "P4-health": "P4",
+           "P6-lost": "P6", "P6-codec": "P6"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     # `make bench` exports it; a bare `python -m bench` uses the same kernel.
     if (REPO / ".cache" / "kernel").is_dir():
         os.environ.setdefault("KESTREL_KERNEL_DIR", str(REPO / ".cache" / "kernel"))
-    chosen = [k.strip() for k in args.only.split(",") if k.strip()] or list(FIGURES)
+    asked = [k.strip() for k in args.only.split(",") if k.strip()] or list(FIGURES)
+    chosen = list(dict.fromkeys(ALIASES.get(k, k) for k in asked))
     unknown = [k for k in chosen if k not in FIGURES]
     if unknown:
         print(f"bench: unknown figure {', '.join(unknown)} (choose from {', '.join(FIGURES)})",
@@ -196,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             figures += FIGURES[key](runs)
         except Exception as exc:  # a broken figure must not hide the others
             traceback.print_exc()
-            figures.append(Figure(f"{key}", na=f"bench error: {type(exc).__name__}: {exc}"))
+            figures.append(Figure(f"{key}", id=key,
+                                  na=f"bench error: {type(exc).__name__}: {exc}"))
     print(render(figures))
     meta = {"runs": runs, "seconds": round(time.monotonic() - t0, 1), "host": platform.node(),
             "cpus": os.cpu_count(), "python": platform.python_version(),

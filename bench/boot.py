@@ -162,7 +162,8 @@ def measure_p4(runs: int = 5) -> dict[str, Any]:
     kernel = fetch_kernel(quiet=True)
     plugin, baseline = _images(kernel)
     kestrel_cmd, shell_cmd = _cmdlines()
-    out: dict[str, list[float]] = {"kestrel_s": [], "shell_s": [], "kestrel_health_event_s": []}
+    out: dict[str, list[float]] = {"kestrel_s": [], "shell_s": [], "kestrel_health_event_s": [],
+                                   "health_after_200_s": []}
 
     async def main() -> None:
         for i in range(runs):
@@ -172,6 +173,7 @@ def measure_p4(runs: int = 5) -> dict[str, Any]:
             healthy = _healthy_at(vm)
             if healthy is not None:
                 out["kestrel_health_event_s"].append(healthy)
+                out["health_after_200_s"].append(healthy - t)
             t, _ = await _one(kernel, baseline, kestrel=False, cmdline=shell_cmd,
                               run_dir=WORK / f"s{i}")
             out["shell_s"].append(t)
@@ -181,6 +183,7 @@ def measure_p4(runs: int = 5) -> dict[str, Any]:
     return {
         "runs": runs, **out, "kestrel_median_s": k, "shell_median_s": s,
         "ratio": k / s, "goal": 1.15, "machine": QemuDriver().machine,
+        "channel": QemuDriver().agent_channel().kind,
         "plugin_image_bytes": plugin.stat().st_size, "shell_image_bytes": baseline.stat().st_size,
     }
 

@@ -53,11 +53,12 @@ def _extract(image: Path, tree: Path) -> None:
 
 
 def measure(runs: int = 5) -> list[Figure]:
-    gz = Figure("P3 base image size (gzip)", unit="MB", goal="value <= 8",
+    gz = Figure("P3 base image size (gzip)", id="P3", unit="MB", goal="value <= 8",
                 baseline_label="same tree, cpio|gzip -9")
-    zst = Figure("P3 base image size (zstd)", unit="MB", goal="value <= 8",
+    zst = Figure("P3 base image size (zstd)", id="P3-zstd", unit="MB", goal="value <= 8",
                  baseline_label="fledge gzip image")
-    build = Figure("P5 fledge build (warm) vs cpio|gzip -9", unit="s", goal="ratio <= 1.0",
+    build = Figure("P5 fledge build (warm) vs cpio|gzip -9", id="P5", unit="s",
+                   goal="ratio <= 1.0",
                    baseline_label=BASELINE.split(" | ", 1)[0] + " | ...")
     figs = [gz, zst, build]
     missing = [t for t in ("cpio", "gzip", "zstd", "find", "sort") if shutil.which(t) is None]

@@ -2,7 +2,7 @@
 
 kestrel runs as PID 1 of fresh namespaces; its host pid is read from /proc and
 VmRSS sampled. Idle: the workload sleeps, the figure is the settled RSS (goal
-<= 20 MB), against a plain `python3 -S -I` that spawned the same workload.
+<= 16 MB), against a plain `python3 -S -I` that spawned the same workload.
 Flood: the workload writes ~200 MB to stdout, drained by a HostSession
 receiver; the figure is peak RSS minus the idle RSS of the same run (<= 8 MB).
 """
@@ -59,9 +59,10 @@ def _baseline(wl: Path) -> float:
 
 
 def measure(runs: int = 3) -> list[Figure]:
-    idle = Figure("P2 kestrel RSS, idle workload", unit="MB", goal="value <= 20",
+    idle = Figure("P2 kestrel RSS, idle workload", id="P2", unit="MB", goal="value <= 16",
                   baseline_label="python3 -S -I + spawn")
-    flood = Figure("P2 kestrel RSS growth, 200 MB log flood", unit="MB", goal="value <= 8",
+    flood = Figure("P2 kestrel RSS growth, 200 MB log flood", id="P2-flood", unit="MB",
+                   goal="value <= 8",
                    baseline_label="idle RSS")
     try:
         work = work_dir()

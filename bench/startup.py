@@ -61,7 +61,7 @@ def _baseline_once(python: Path, wl: Path, work: Path) -> float:
 
 
 def measure(runs: int = 15) -> Figure:
-    fig = Figure("P1 exec kestrel -> exec workload (host)", unit="ms",
+    fig = Figure("P1 exec kestrel -> exec workload (host)", id="P1", unit="ms",
                  goal="ratio <= 1.5", baseline_label="python3 -S -I posix_spawn")
     try:
         work = work_dir()

@@ -38,9 +38,14 @@ class Spread:
 
 @dataclass
 class Figure:
-    """One row. ``goal`` reads "ratio <= 1.5", "value <= 20", "value >= 100" and so on."""
+    """One row. ``goal`` reads "ratio <= 1.5", "value <= 20", "value >= 100" and so on.
+
+    ``id`` is the row's stable name in bench/results.json (P1, P2, P2-flood, ...):
+    a new figure (P7-restore, a containerd row) is one more Figure with its own id.
+    """
 
     figure: str
+    id: str = ""
     unit: str = ""
     value: Spread | None = None
     baseline: Spread | None = None
@@ -71,7 +76,7 @@ class Figure:
         return "PASS" if ok else "FAIL"
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {"id": self.id or self.figure, **asdict(self)}
         d["ratio"] = self.ratio
         d["verdict"] = self.verdict
         return d
@@ -95,19 +100,20 @@ def _cell(s: Spread | None, unit: str) -> str:
 
 
 def render(figures: list[Figure]) -> str:
-    head = ("figure", "value [spread]", "baseline (same run)", "ratio", "goal", "verdict")
+    head = ("id", "figure", "value [spread]", "baseline (same run)", "ratio", "goal", "verdict")
     rows: list[tuple[str, ...]] = []
     notes: list[str] = []
     for f in figures:
         if f.na:
-            rows.append((f.figure, "n/a", "-", "-", f.goal or "-", "n/a"))
+            rows.append((f.id, f.figure, "n/a", "-", "-", f.goal or "-", "n/a"))
             notes.append(f"{f.figure}: n/a: {f.na}")
             continue
         base = _cell(f.baseline, f.unit)
         if f.baseline is not None and f.baseline_label:
             base = f"{base} ({f.baseline_label})"
         ratio = f"{f.ratio:.2f}x" if f.ratio is not None else "-"
-        rows.append((f.figure, _cell(f.value, f.unit), base, ratio, f.goal or "-", f.verdict))
+        rows.append((f.id, f.figure, _cell(f.value, f.unit), base, ratio, f.goal or "-",
+                     f.verdict))
         if f.note:
             notes.append(f"{f.figure}: {f.note}")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -121,4 +127,7 @@ def render(figures: list[Figure]) -> str:
 
 def write_json(figures: list[Figure], path: Path, *, meta: dict[str, Any]) -> None:
     doc = {"meta": meta, "figures": [f.to_json() for f in figures]}
+    ids = [f.id for f in figures if f.id]
+    if len(ids) != len(set(ids)):
+        raise ValueError(f"bench: duplicate figure ids in {ids}")
     path.write_text(json.dumps(doc, indent=2) + "\n")

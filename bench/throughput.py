@@ -74,10 +74,11 @@ def codec_mb_s(total_mb: int = 256) -> tuple[float, float]:
 
 
 def measure(runs: int = 3, flood_mb: int = FLOOD_MB) -> list[Figure]:
-    rate = Figure(f"P6 log throughput kestrel -> host ({flood_mb} MB)", unit="MB/s",
+    rate = Figure(f"P6 log throughput kestrel -> host ({flood_mb} MB)", id="P6", unit="MB/s",
                   goal="value >= 100", baseline_label="same writer into a pipe")
-    lost_fig = Figure("P6 records lost (seq checked)", unit="records", goal="value <= 0")
-    codec = Figure("P6 protocol codec alone (encode+decode)", unit="MB/s",
+    lost_fig = Figure("P6 records lost (seq checked)", id="P6-lost", unit="records",
+                      goal="value <= 0")
+    codec = Figure("P6 protocol codec alone (encode+decode)", id="P6-codec", unit="MB/s",
                    goal="value >= 100", baseline_label="bare msgpack")
     codec_runs = [codec_mb_s() for _ in range(runs)]
     codec.value = Spread.of([c for c, _ in codec_runs])

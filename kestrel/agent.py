@@ -210,6 +210,7 @@ class Agent:
         self.stopping = True
         self.stop_event.set()
         self.set_state("stopping", f"{signal.Signals(signum).name}, grace {grace_s:g} s")
+        self.emit(Timeline(mark="stop", uptime=uptime()))
         child = self.child
         if child is None:
             return
@@ -276,6 +277,7 @@ class Agent:
         if status.signal == signal.SIGKILL and oom_kills() > child.oom_kills_before >= 0:
             self.emit(Oom(pid=child.pid, detail="killed by the kernel OOM killer"))
             console(f"workload pid {child.pid} was OOM-killed")
+        self.emit(Timeline(mark="workload_exit", uptime=uptime()))
         self.emit(Exit(pid=child.pid, code=status.code, signal=status.signal,
                        status=status.shell, message=status.describe()))
         console(f"workload pid {child.pid} {status.describe()}")

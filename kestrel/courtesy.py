@@ -1,0 +1,120 @@
+"""The workload first: kestrel yields the CPU while it imports its agent.
+
+After the spawn, kestrel imports trio and its agent (seconds of TCG time on a
+one-vCPU guest) while the workload is starting on the same vCPU. During those
+imports kestrel runs at nice 19, so the workload wins every contest for the
+CPU, and kestrel returns to nice 0 as soon as one of these happens:
+- the workload accepts connections on its base_url (it is up: the first
+  health check must not wait for kestrel's imports any longer);
+- COURTESY_MAX_S have passed (a CPU-bound workload cannot hold kestrel's
+  reaping, signals or stop back for longer than that);
+- the imports are done.
+A SIGALRM interval timer drives the checks: its handler runs between two
+bytecodes of whatever module is being imported, so the time cap holds even
+in the middle of a long module body. No thread: a second thread would need
+the GIL from a starved main thread.
+
+Boot path: C-backed modules only (os, time, _signal, _socket).
+"""
+
+from __future__ import annotations
+
+import _signal  # type: ignore[import-not-found]  # C module: `signal` imports enum
+import _socket
+import os
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import FrameType
+
+NICE = 19
+COURTESY_MAX_S = 3.0
+TICK_S = 0.05
+PROBE_TIMEOUT_S = 0.1
+_SIGALRM = 14
+_SIG_BLOCK, _SIG_UNBLOCK = 0, 1
+
+
+def address(base_url: str | None) -> tuple[str, int] | None:
+    """http://host[:port][/prefix] -> (host, port) for a numeric IPv4 host, else None."""
+    if not base_url or not base_url.startswith("http://"):
+        return None
+    hostport = base_url[7:].partition("/")[0]
+    host, _, port = hostport.rpartition(":")
+    if not host:
+        host, port = hostport, "80"
+    parts = host.split(".")
+    if not port.isdigit() or len(parts) != 4 or not all(p.isdigit() for p in parts):
+        return None  # a name would need a resolver: the time cap alone applies
+    return host, int(port)
+
+
+def listening(addr: tuple[str, int]) -> bool:
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        # Not non-blocking: even on loopback that answers EINPROGRESS whether
+        # or not anyone listens. The guest's own address answers at once.
+        s.settimeout(PROBE_TIMEOUT_S)
+        return bool(s.connect_ex(addr) == 0)
+    finally:
+        s.close()
+
+
+class Courtesy:
+    """Nice 19 from start() until stop(), the workload listening, or the time cap."""
+
+    def __init__(self, addr: tuple[str, int] | None, *, max_s: float = COURTESY_MAX_S) -> None:
+        self.addr = addr
+        self.max_s = max_s
+        self.deadline = 0.0
+        self.active = False
+        self.ended_by = ""
+        self.ended_at = 0.0  # CLOCK_BOOTTIME, like the boot timeline
+        self._busy = False
+
+    def start(self) -> None:
+        if self.max_s <= 0:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, NICE)
+        except OSError:
+            return
+        self.active = True
+        self.deadline = time.monotonic() + self.max_s
+        _signal.signal(_SIGALRM, self._tick)
+        _signal.setitimer(_signal.ITIMER_REAL, TICK_S, TICK_S)
+        _signal.pthread_sigmask(_SIG_UNBLOCK, (_SIGALRM,))
+
+    def _tick(self, _signum: int, _frame: FrameType | None) -> None:
+        # Runs inside whatever import is in progress: it must never raise. A
+        # tick arriving during the probe's connect would re-enter: skipped.
+        if self._busy or not self.active:
+            return
+        self._busy = True
+        try:
+            if time.monotonic() >= self.deadline:
+                self.stop("time cap")
+            elif self.addr is not None and listening(self.addr):
+                self.stop("workload listening")
+        except Exception as exc:
+            self.stop(f"check failed: {exc}")
+        finally:
+            self._busy = False
+
+    def stop(self, why: str) -> None:
+        if not self.active:
+            return
+        self.active = False
+        self.ended_by = why
+        self.ended_at = time.clock_gettime(time.CLOCK_BOOTTIME)
+        # Blocked again first, then disarmed; a tick already pending is
+        # consumed here, so the agent never forwards it to the workload.
+        _signal.pthread_sigmask(_SIG_BLOCK, (_SIGALRM,))
+        _signal.setitimer(_signal.ITIMER_REAL, 0, 0)
+        _signal.sigtimedwait((_SIGALRM,), 0)
+        _signal.signal(_SIGALRM, _signal.SIG_DFL)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except OSError:
+            pass
