@@ -92,6 +92,7 @@ STUBBED = {
     "ctypes/util.py": "ctypes_util_stub.py",  # subprocess, shutil, tempfile
     "datetime.py": "datetime_stub.py",  # msgpack: the C _datetime without the Python one
     "platform.py": "platform_stub.py",  # attrs asks python_implementation() only
+    "logging/__init__.py": "logging_stub.py",  # trio's three error-path loggers
 }
 
 # Zip entries carry this date (the zip format's earliest; matches the cpio's idea of

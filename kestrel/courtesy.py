@@ -14,6 +14,9 @@ bytecodes of whatever module is being imported, so the time cap holds even
 in the middle of a long module body. No thread: a second thread would need
 the GIL from a starved main thread.
 
+``defer_imports`` makes the agent's imports smaller still: a module trio
+imports but kestrel never uses is loaded on first use instead.
+
 Boot path: C-backed modules only (os, time, _signal, _socket).
 """
 
@@ -118,3 +121,33 @@ class Courtesy:
             os.setpriority(os.PRIO_PROCESS, 0, 0)
         except OSError:
             pass
+
+
+# Imported by trio at module level but used only for non-ASCII host names,
+# which kestrel's health checks (numeric base_url) never resolve: loaded on
+# first attribute access instead (its tables: ~100 KB of PID 1's heap).
+DEFERRED = ("idna",)
+
+
+def defer_imports(names: tuple[str, ...]) -> None:
+    """Put a placeholder for each module in sys.modules that imports the real
+    one on the first attribute it lacks (importlib.util.LazyLoader does not do:
+    the import statement itself reads ``__spec__``, which loads it)."""
+    import sys
+
+    class Deferred(type(sys)):  # type: ignore[misc]
+        def __getattr__(self, attr: str) -> object:
+            name: str = self.__dict__["__name__"]
+            if sys.modules.get(name) is self:
+                del sys.modules[name]
+                __import__(name)
+            real = sys.modules[name]
+            # Whoever imported the placeholder now reads the real names directly.
+            self.__dict__.update(real.__dict__)
+            return getattr(real, attr)
+
+    for name in names:
+        if name not in sys.modules:
+            module = Deferred(name)
+            module.__spec__ = None
+            sys.modules[name] = module

@@ -162,7 +162,7 @@ def _main(t0: float) -> int:
     # The workload runs: from here on imports cost the agent, not the workload,
     # and the workload gets the CPU first while they run (kestrel/courtesy.py).
     from kestrel import __version__
-    from kestrel.courtesy import NICE, Courtesy, address
+    from kestrel.courtesy import DEFERRED, NICE, Courtesy, address, defer_imports
 
     courtesy = Courtesy(address(manifest.workload.base_url)
                         if child is not None and manifest and manifest.workload else None)
@@ -182,7 +182,7 @@ def _main(t0: float) -> int:
     import gc
 
     gc.disable()
-    _defer_imports(DEFERRED)
+    defer_imports(DEFERRED)
     import trio
 
     from kestrel import agent as agent_mod
@@ -203,37 +203,6 @@ def _main(t0: float) -> int:
     timeline["agent_imported"] = t_imported
     a = agent_mod.Agent(cfg, manifest, timeline=timeline, boot_id=_boot_id(), workload_env=env)
     return trio.run(agent_mod.run, a, child, error, fatal)
-
-
-# Imported by trio and attrs at module level but used only inside functions
-# kestrel's paths never call (signature introspection, error paths, non-ASCII
-# host names): loaded on first attribute access instead. inspect brings ast,
-# dis and tokenize: -0.5 MB RSS and ~10% of the agent's import time.
-DEFERRED = ("idna",)
-
-
-def _defer_imports(names: tuple[str, ...]) -> None:
-    """Put a placeholder for each module in sys.modules that imports the real
-    one on the first attribute it lacks (importlib.util.LazyLoader does not do:
-    the import statement itself reads ``__spec__``, which loads it)."""
-    import sys
-
-    class Deferred(type(sys)):  # type: ignore[misc]
-        def __getattr__(self, attr: str) -> object:
-            name: str = self.__dict__["__name__"]
-            if sys.modules.get(name) is self:
-                del sys.modules[name]
-                __import__(name)
-            real = sys.modules[name]
-            # Whoever imported the placeholder now reads the real names directly.
-            self.__dict__.update(real.__dict__)
-            return getattr(real, attr)
-
-    for name in names:
-        if name not in sys.modules:
-            module = Deferred(name)
-            module.__spec__ = None
-            sys.modules[name] = module
 
 
 def _explicit_channel(params: dict[str, str]) -> Channel:
