@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the layout or anything else that changes the output without changing the
 # inputs hashed in _cache_key changes.
-FORMAT = "kestrel-freeze-3"
+FORMAT = "kestrel-freeze-4"
 
 PYTHON = Path("/usr/bin/python3.11")
 PY_TAG = "python3.11"
@@ -179,6 +179,54 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# Source edits to dependencies, applied to the bundle's copy: (old, new) text
+# pairs; a dependency release that no longer has `old` fails the freeze, so
+# an edit never silently stops applying.
+PATCHED: dict[str, tuple[tuple[str, str], ...]] = {
+    # attrs asks inspect.signature() of each converter when a class is
+    # created, at import time, even for plain functions without annotations
+    # (where there is nothing to find): that alone loads inspect, ast, dis
+    # and tokenize into PID 1 (~0.8 MB of heap, ~10% of the agent's import).
+    # kestrel's agent defers `inspect` (courtesy.DEFERRED) and this skips it
+    # for such functions, with the same answer (no annotation).
+    # dataclasses gives every class without a docstring one made from
+    # inspect.signature(cls); the bundle is -OO, so that is every dataclass
+    # (kestrel.protocol's messages): the class name alone, without inspect.
+    "dataclasses.py": ((
+        "        cls.__doc__ = (cls.__name__ +\n"
+        "                       str(inspect.signature(cls)).replace(' -> None', ''))\n",
+        "        cls.__doc__ = cls.__name__  # kestrel's freeze: -OO, no inspect\n",
+    ),),
+    "attr/_compat.py": ((
+        "    def __init__(self, callable):\n        try:\n",
+        "    def __init__(self, callable):\n"
+        "        if type(callable) is type(_kestrel_plain) and not callable.__annotations__:\n"
+        "            self.sig = None  # kestrel's freeze: no annotation, no inspect\n"
+        "            return\n"
+        "        try:\n",
+    ), (
+        "\nclass _AnnotationExtractor:",
+        "\ndef _kestrel_plain():\n    pass\n\n\nclass _AnnotationExtractor:",
+    )),
+}
+
+
+def _patched(src: Source, work: Path) -> Source:
+    edits = PATCHED.get(src.rel)
+    if not edits:
+        return src
+    text = src.path.read_text()
+    for old, new in edits:
+        if text.count(old) != 1:
+            raise FreezeError(f"{src.rel}: the freeze's source edit no longer applies "
+                              f"(expected once: {old.strip()!r}); update builder/freeze.PATCHED")
+        text = text.replace(old, new)
+    out = work / "patched" / src.rel
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return Source(out, src.rel)
 
 
 def _stubbed(src: Source) -> Source:
@@ -379,7 +427,7 @@ def _build(root: Path, work: Path, *, python: Path, kestrel_files: list[Source],
     # 1. Stage the dependencies and the ssl stub the way the bundle will see them,
     #    then ask the interpreter what importing kestrel really loads.
     site = work / "site"
-    deps = {name: (version, [_stubbed(s) for s in files])
+    deps = {name: (version, [_patched(_stubbed(s), work) for s in files])
             for name, (version, files) in deps.items()}
     for _, files in deps.values():
         for src in files:
@@ -396,7 +444,7 @@ def _build(root: Path, work: Path, *, python: Path, kestrel_files: list[Source],
     modules = probe_imports(python, path=[site, kestrel_root], required=required,
                             optional=optional)
     std_sources, dynload = stdlib_selection(modules, stdlib=stdlib)
-    std_sources = [_stubbed(s) for s in std_sources]
+    std_sources = [_patched(_stubbed(s), work) for s in std_sources]
 
     # 2. Packages with C extensions stay on disk (extensions cannot load from a zip);
     #    everything else, bytecode only, goes into one zip.

@@ -123,10 +123,13 @@ class Courtesy:
             pass
 
 
-# Imported by trio at module level but used only for non-ASCII host names,
-# which kestrel's health checks (numeric base_url) never resolve: loaded on
-# first attribute access instead (its tables: ~100 KB of PID 1's heap).
-DEFERRED = ("idna",)
+# Imported at module level but used only inside functions kestrel's paths
+# never call: idna (trio: non-ASCII host names; health checks use a numeric
+# base_url), inspect (trio's error paths; attrs's annotation lookups, which
+# the frozen bundle skips for plain functions: builder/freeze.PATCHED).
+# Loaded on first attribute access instead; inspect brings ast, dis and
+# tokenize: together ~0.9 MB of PID 1's heap and ~10% of the agent's import.
+DEFERRED = ("idna", "inspect")
 
 
 def defer_imports(names: tuple[str, ...]) -> None:

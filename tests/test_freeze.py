@@ -239,3 +239,13 @@ def test_cache_key_follows_kestrel_sources(tmp_path: Path) -> None:
     before = _cache_key(python, [Source(src, "kestrel/main.py")], {})
     src.write_text("x = 2\n")
     assert _cache_key(python, [Source(src, "kestrel/main.py")], {}) != before
+
+
+def test_a_dependency_edit_that_no_longer_applies_fails_the_freeze(tmp_path: Path) -> None:
+    from builder.freeze import PATCHED, FreezeError, Source, _patched
+
+    rel = next(iter(PATCHED))
+    changed = tmp_path / "changed.py"
+    changed.write_text("# a release where the edited lines moved\n")
+    with pytest.raises(FreezeError, match=f"{rel}: the freeze's source edit no longer applies"):
+        _patched(Source(changed, rel), tmp_path)
