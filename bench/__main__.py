@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import REPO, work_dir
-from bench.table import Figure, Spread, render, write_json
+from bench.table import Figure, Spread, pair_ratios, render, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
@@ -95,6 +95,9 @@ def p4(runs: int) -> list[Figure]:
                 f"agent channel {r.get('channel', '?')}")
     fig.extra = {k: r[k] for k in ("kestrel_s", "shell_s", "kestrel_health_event_s", "channel")
                  if k in r}
+    pairs = pair_ratios(r["kestrel_s"], r["shell_s"])
+    if pairs is not None:
+        fig.note += f"; per-run ratios {pairs.median:.2f}x [{pairs.low:.2f}-{pairs.high:.2f}]"
     # The limit P4 must hold: kestrel yielding the CPU must not delay the host's
     # news that the workload is healthy.
     health = Figure("P4 first health event after the first HTTP 200", id="P4-health", unit="s",
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help=f"comma list of {', '.join(FIGURES)} "
                     "(P3 also gives P5)")
     ap.add_argument("--json", type=Path, default=RESULTS, help="where to write the JSON table")
+    ap.add_argument("--update", action="store_true", help="keep the rows of figures not run "
+                    "this time in the JSON table (re-measure one figure)")
     args = ap.parse_args(argv)
     runs = 3 if args.quick else args.runs
     # `make bench` exports it; a bare `python -m bench` uses the same kernel.
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"runs": runs, "seconds": round(time.monotonic() - t0, 1), "host": platform.node(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_json(figures, args.json, meta=meta)
+    write_json(figures, args.json, meta=meta, update=args.update)
     print(f"\n(written to {args.json})")
     return 0
 

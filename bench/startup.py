@@ -19,7 +19,7 @@ from bench import (
     run_pid1,
     work_dir,
 )
-from bench.table import Figure, Spread
+from bench.table import Figure, Spread, pair_ratios
 
 DEBIAN_PYTHON = Path("/usr/bin/python3.11")  # the interpreter the frozen kestrel carries
 SPAWN_ONLY = (
@@ -81,6 +81,10 @@ def measure(runs: int = 15) -> Figure:
     fig.note = (f"{label} kestrel vs {python} as PID 1 of fresh namespaces, "
                 f"{runs} interleaved runs")
     fig.extra = {"kestrel_ms": kestrel_ms, "baseline_ms": base_ms, "kestrel": label}
+    pairs = pair_ratios(kestrel_ms, base_ms)
+    if pairs is not None:
+        fig.extra["pair_ratios"] = [v / b for v, b in zip(kestrel_ms, base_ms, strict=False)]
+        fig.note += f"; per-run ratios {pairs.median:.2f}x [{pairs.low:.2f}-{pairs.high:.2f}]"
     return fig
 
 

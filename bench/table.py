@@ -82,6 +82,14 @@ class Figure:
         return d
 
 
+def pair_ratios(values: list[float], baselines: list[float]) -> Spread | None:
+    """Each interleaved run over its own baseline: drift in the machine's load
+    moves both halves of a pair, so this spread shows what noise the
+    ratio of medians hides."""
+    pairs = [v / b for v, b in zip(values, baselines, strict=False) if b]
+    return Spread.of(pairs) if pairs else None
+
+
 def _num(x: float) -> str:
     if x == 0:
         return "0"
@@ -125,9 +133,19 @@ def render(figures: list[Figure]) -> str:
     return "\n".join(out)
 
 
-def write_json(figures: list[Figure], path: Path, *, meta: dict[str, Any]) -> None:
-    doc = {"meta": meta, "figures": [f.to_json() for f in figures]}
-    ids = [f.id for f in figures if f.id]
+def write_json(figures: list[Figure], path: Path, *, meta: dict[str, Any],
+               update: bool = False) -> None:
+    """Write the table; with ``update``, rows of other ids already in the file stay
+    (each keeps the ``meta`` of the run that measured it)."""
+    rows = [{**f.to_json(), "run": meta["time"]} for f in figures]
+    if update and path.is_file():
+        old = json.loads(path.read_text())
+        fresh = {r["id"] for r in rows}
+        kept = [r for r in old.get("figures", []) if r.get("id") not in fresh]
+        rows = kept + rows
+        meta = {**old.get("meta", {}), "updated": meta}
+    doc = {"meta": meta, "figures": rows}
+    ids = [r["id"] for r in rows]
     if len(ids) != len(set(ids)):
         raise ValueError(f"bench: duplicate figure ids in {ids}")
     path.write_text(json.dumps(doc, indent=2) + "\n")
