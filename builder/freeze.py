@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the layout or anything else that changes the output without changing the
 # inputs hashed in _cache_key changes.
-FORMAT = "kestrel-freeze-5"
+FORMAT = "kestrel-freeze-6"
 
 PYTHON = Path("/usr/bin/python3.11")
 PY_TAG = "python3.11"
@@ -204,6 +204,14 @@ PATCHED: dict[str, tuple[tuple[str, str], ...]] = {
         "        cls.__doc__ = (cls.__name__ +\n"
         "                       str(inspect.signature(cls)).replace(' -> None', ''))\n",
         "        cls.__doc__ = cls.__name__  # kestrel's freeze: -OO, no inspect\n",
+    ),),
+    # trio names its worker threads through ctypes: when find_library finds
+    # nothing it dlopens "libc.so", which glibc ships as a linker script
+    # (dlopen fails) and an image does not have at all. Same answer (no
+    # thread names) without importing ctypes, _ctypes and libffi into PID 1.
+    "trio/_core/_thread_cache.py": ((
+        '        libpthread_path = "libc.so"\n',
+        "        return None  # kestrel's freeze: no libpthread to name threads with\n",
     ),),
     "attr/_compat.py": ((
         "    def __init__(self, callable):\n        try:\n",

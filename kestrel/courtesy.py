@@ -127,9 +127,12 @@ class Courtesy:
 # never call: idna (trio: non-ASCII host names; health checks use a numeric
 # base_url), inspect (trio's error paths; attrs's annotation lookups, which
 # the frozen bundle skips for plain functions: builder/freeze.PATCHED).
+# ctypes: trio imports ctypes.util to name its threads, and the bundle's
+# ctypes.util finds no library (an image has no ldconfig), so ctypes itself,
+# _ctypes and libffi are needed only by kestrel's own mount/reboot calls.
 # Loaded on first attribute access instead; inspect brings ast, dis and
-# tokenize: together ~0.9 MB of PID 1's heap and ~10% of the agent's import.
-DEFERRED = ("idna", "inspect")
+# tokenize: together ~1.2 MB of PID 1's RSS and ~10% of the agent's import.
+DEFERRED = ("idna", "inspect", "ctypes")
 
 
 def defer_imports(names: tuple[str, ...]) -> None:
@@ -144,13 +147,28 @@ def defer_imports(names: tuple[str, ...]) -> None:
             if sys.modules.get(name) is self:
                 del sys.modules[name]
                 __import__(name)
+                real = sys.modules[name]
+                # Submodules imported through the placeholder stay attributes.
+                for key, value in list(self.__dict__.items()):
+                    if getattr(value, "__name__", None) == f"{name}.{key}":
+                        setattr(real, key, value)
             real = sys.modules[name]
             # Whoever imported the placeholder now reads the real names directly.
             self.__dict__.update(real.__dict__)
             return getattr(real, attr)
 
+    import _frozen_importlib_external as external
+
     for name in names:
-        if name not in sys.modules:
-            module = Deferred(name)
-            module.__spec__ = None
-            sys.modules[name] = module
+        if name in sys.modules:
+            continue
+        spec = external.PathFinder.find_spec(name)
+        if spec is None:
+            continue  # not there at all: let the real import fail as usual
+        module = Deferred(name)
+        module.__spec__ = spec
+        if spec.submodule_search_locations is not None:
+            # A package: `import pkg.sub` finds sub through this, without
+            # loading the package itself.
+            module.__path__ = list(spec.submodule_search_locations)
+        sys.modules[name] = module

@@ -89,3 +89,28 @@ def test_stop_consumes_a_pending_tick() -> None:
         print(sorted(signal.sigpending()), signal.getsignal(signal.SIGALRM) == signal.SIG_DFL)
     """)
     assert out.split() == ["[]", "True"]
+
+
+def test_a_deferred_module_loads_on_first_use_and_keeps_its_submodules(tmp_path: Path) -> None:
+    pkg = tmp_path / "heavy"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("print('heavy loaded')\nVALUE = 42\n")
+    (pkg / "sub.py").write_text("def f():\n    return 'sub'\n")
+    out = run(f"""
+        import sys
+        sys.path[:0] = [".", {str(tmp_path)!r}]
+        from kestrel.courtesy import defer_imports
+        defer_imports(("heavy", "not_there_at_all"))
+        import heavy, heavy.sub  # neither statement loads the package itself
+        print("imported")
+        print(heavy.sub.f())
+        print(heavy.VALUE)  # first real use
+        import heavy.sub
+        print(heavy.sub.f(), sys.modules["heavy"].sub.f())
+        try:
+            import not_there_at_all
+        except ImportError:
+            print("missing stays missing")
+    """)
+    assert out.splitlines() == ["imported", "sub", "heavy loaded", "42", "sub sub",
+                                "missing stays missing"]
