@@ -182,14 +182,15 @@ def _main(t0: float) -> int:
     import gc
 
     gc.disable()
-    defer_imports(DEFERRED)
-    import trio
+    try:
+        defer_imports(DEFERRED)
+        import trio
 
-    from kestrel import agent as agent_mod
-
+        from kestrel import agent as agent_mod
+    finally:
+        courtesy.stop("imports done")  # a failed import must not leave PID 1 at nice 19
     gc.freeze()
     gc.enable()
-    courtesy.stop("imports done")
     t_imported = time.clock_gettime(time.CLOCK_BOOTTIME)
     if courtesy.ended_by:
         _console(f"kestrel: nice {NICE} while importing the agent, until {courtesy.ended_by} "
