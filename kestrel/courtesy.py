@@ -132,10 +132,12 @@ class Courtesy:
 # _ctypes and libffi are needed only by kestrel's own mount/reboot calls.
 # Loaded on first attribute access instead; inspect brings ast, dis and
 # tokenize: together ~1.2 MB of PID 1's RSS and ~10% of the agent's import.
-# traceback, tokenize, selectors: error paths and socket.sendfile. h11: the
-# health checks of http workloads (loaded at the first probe; an exec
-# workload never needs it).
-DEFERRED = ("idna", "inspect", "ctypes", "traceback", "tokenize", "selectors", "h11")
+# traceback, tokenize, selectors: error paths and socket.sendfile.
+DEFERRED = ("idna", "inspect", "ctypes", "traceback", "tokenize", "selectors")
+# Deferred too when the manifest has no HTTP health check: an http workload's
+# first probe runs right after the imports, and importing h11 then would
+# delay its first health event (~0.1 s of TCG time).
+HEALTH_CHECK_ONLY = ("h11",)
 
 
 def defer_imports(names: tuple[str, ...]) -> None:

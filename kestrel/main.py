@@ -162,7 +162,14 @@ def _main(t0: float) -> int:
     # The workload runs: from here on imports cost the agent, not the workload,
     # and the workload gets the CPU first while they run (kestrel/courtesy.py).
     from kestrel import __version__
-    from kestrel.courtesy import DEFERRED, NICE, Courtesy, address, defer_imports
+    from kestrel.courtesy import (
+        DEFERRED,
+        HEALTH_CHECK_ONLY,
+        NICE,
+        Courtesy,
+        address,
+        defer_imports,
+    )
 
     courtesy = Courtesy(address(manifest.workload.base_url)
                         if child is not None and manifest and manifest.workload else None)
@@ -183,7 +190,9 @@ def _main(t0: float) -> int:
 
     gc.disable()
     try:
-        defer_imports(DEFERRED)
+        checked = bool(manifest and manifest.health_check and manifest.workload
+                       and manifest.workload.base_url)
+        defer_imports(DEFERRED if checked else DEFERRED + HEALTH_CHECK_ONLY)
         import trio
 
         from kestrel import agent as agent_mod
