@@ -26,7 +26,8 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 
 import kestrel
-from builder import elf
+from builder import elf, freeze_edits
+from builder.freeze_edits import STUBBED, EditError, edited
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +86,6 @@ EXCLUDED_TOP = frozenset(
     {"ssl", "_ssl", "_hashlib", "bz2", "_bz2", "lzma", "_lzma", "__main__"}
 )
 SKIP_DIRS = frozenset({"__pycache__", "_tests", "tests", "testing"})
-
-# Module files replaced by a stub (builder/data) in the bundle: parts of the
-# dependencies kestrel never calls that trio imports eagerly. Each cut measured
-# on the frozen PID 1 (bench P2): together about -1 MB RSS and -15% import time.
-STUBBED = {
-    "trio/_dtls.py": "unused_stub.py",  # DTLS: hashlib, hmac
-    "trio/_ssl.py": "unused_stub.py",
-    "trio/_highlevel_ssl_helpers.py": "unused_stub.py",
-    "trio/_path.py": "unused_stub.py",  # pathlib, urllib.parse, ipaddress
-    "trio/_subprocess.py": "unused_stub.py",  # kestrel spawns with posix_spawn
-    "ctypes/util.py": "ctypes_util_stub.py",  # subprocess, shutil, tempfile
-    "datetime.py": "datetime_stub.py",  # msgpack: the C _datetime without the Python one
-    "platform.py": "platform_stub.py",  # attrs asks python_implementation() only
-    "logging/__init__.py": "logging_stub.py",  # trio's three error-path loggers
-}
 
 # Zip entries carry this date (the zip format's earliest; matches the cpio's idea of
 # fixed timestamps without depending on SOURCE_DATE_EPOCH).
@@ -187,65 +173,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# Source edits to dependencies, applied to the bundle's copy: (old, new) text
-# pairs; a dependency release that no longer has `old` fails the freeze, so
-# an edit never silently stops applying.
-PATCHED: dict[str, tuple[tuple[str, str], ...]] = {
-    # attrs asks inspect.signature() of each converter when a class is
-    # created, at import time, even for plain functions without annotations
-    # (where there is nothing to find): that alone loads inspect, ast, dis
-    # and tokenize into PID 1 (~0.8 MB of heap, ~10% of the agent's import).
-    # kestrel's agent defers `inspect` (courtesy.DEFERRED) and this skips it
-    # for such functions, with the same answer (no annotation).
-    # dataclasses gives every class without a docstring one made from
-    # inspect.signature(cls); the bundle is -OO, so that is every dataclass
-    # (kestrel.protocol's messages): the class name alone, without inspect.
-    "dataclasses.py": ((
-        "        cls.__doc__ = (cls.__name__ +\n"
-        "                       str(inspect.signature(cls)).replace(' -> None', ''))\n",
-        "        cls.__doc__ = cls.__name__  # kestrel's freeze: -OO, no inspect\n",
-    ),),
-    # trio names its worker threads through ctypes: when find_library finds
-    # nothing it dlopens "libc.so", which glibc ships as a linker script
-    # (dlopen fails) and an image does not have at all. Same answer (no
-    # thread names) without importing ctypes, _ctypes and libffi into PID 1.
-    "trio/_core/_thread_cache.py": ((
-        '        libpthread_path = "libc.so"\n',
-        "        return None  # kestrel's freeze: no libpthread to name threads with\n",
-    ),),
-    "attr/_compat.py": ((
-        "    def __init__(self, callable):\n        try:\n",
-        "    def __init__(self, callable):\n"
-        "        if type(callable) is type(_kestrel_plain) and not callable.__annotations__:\n"
-        "            self.sig = None  # kestrel's freeze: no annotation, no inspect\n"
-        "            return\n"
-        "        try:\n",
-    ), (
-        "\nclass _AnnotationExtractor:",
-        "\ndef _kestrel_plain():\n    pass\n\n\nclass _AnnotationExtractor:",
-    )),
-}
-
-
-def _patched(src: Source, work: Path) -> Source:
-    edits = PATCHED.get(src.rel)
-    if not edits:
-        return src
-    text = src.path.read_text()
-    for old, new in edits:
-        if text.count(old) != 1:
-            raise FreezeError(f"{src.rel}: the freeze's source edit no longer applies "
-                              f"(expected once: {old.strip()!r}); update builder/freeze.PATCHED")
-        text = text.replace(old, new)
-    out = work / "patched" / src.rel
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return Source(out, src.rel)
-
-
-def _stubbed(src: Source) -> Source:
-    stub = STUBBED.get(src.rel)
-    return Source(_data(stub), src.rel) if stub else src
+def _edited(src: Source, work: Path) -> Source:
+    """The bundle's version of a file: a stub, an edited copy, or the file itself."""
+    try:
+        return Source(edited(src.rel, src.path, work=work, data=_data), src.rel)
+    except EditError as exc:
+        raise FreezeError(str(exc)) from None
 
 
 # ---- steps ------------------------------------------------------------------------
@@ -400,7 +333,7 @@ def _cache_key(python: Path, kestrel_files: list[Source],
         for p in parts:
             h.update(p.encode() + b"\0")
 
-    feed(FORMAT, _sha256(Path(__file__)), _sha256(python))
+    feed(FORMAT, _sha256(Path(__file__)), _sha256(Path(freeze_edits.__file__)), _sha256(python))
     for name in ("freeze_probe.py", "ssl_stub.py", *sorted(set(STUBBED.values()))):
         feed(name, _sha256(_data(name)))
     for src in kestrel_files:
@@ -441,7 +374,7 @@ def _build(root: Path, work: Path, *, python: Path, kestrel_files: list[Source],
     # 1. Stage the dependencies and the ssl stub the way the bundle will see them,
     #    then ask the interpreter what importing kestrel really loads.
     site = work / "site"
-    deps = {name: (version, [_patched(_stubbed(s), work) for s in files])
+    deps = {name: (version, [_edited(s, work) for s in files])
             for name, (version, files) in deps.items()}
     for _, files in deps.values():
         for src in files:
@@ -458,7 +391,7 @@ def _build(root: Path, work: Path, *, python: Path, kestrel_files: list[Source],
     modules = probe_imports(python, path=[site, kestrel_root], required=required,
                             optional=optional)
     std_sources, dynload = stdlib_selection(modules, stdlib=stdlib)
-    std_sources = [_patched(_stubbed(s), work) for s in std_sources]
+    std_sources = [_edited(s, work) for s in std_sources]
 
     # 2. Packages with C extensions stay on disk (extensions cannot load from a zip);
     #    everything else, bytecode only, goes into one zip.

@@ -126,7 +126,7 @@ class Courtesy:
 # Imported at module level but used only inside functions kestrel's paths
 # never call: idna (trio: non-ASCII host names; health checks use a numeric
 # base_url), inspect (trio's error paths; attrs's annotation lookups, which
-# the frozen bundle skips for plain functions: builder/freeze.PATCHED).
+# the frozen bundle skips for plain functions: builder/freeze_edits.PATCHED).
 # ctypes: trio imports ctypes.util to name its threads, and the bundle's
 # ctypes.util finds no library (an image has no ldconfig), so ctypes itself,
 # _ctypes and libffi are needed only by kestrel's own mount/reboot calls.

@@ -169,7 +169,7 @@ def test_using_tls_fails_with_a_clear_error(frozen: FrozenAgent, tmp_path: Path)
 def test_parts_of_trio_kestrel_never_calls_fail_with_a_clear_error(
     frozen: FrozenAgent, tmp_path: Path
 ) -> None:
-    # Stubbed at freeze time (builder/freeze.STUBBED) to keep PID 1 small.
+    # Stubbed at freeze time (builder/freeze_edits.STUBBED) to keep PID 1 small.
     proc = run_in_empty_root(frozen, tmp_path, """
         import datetime, trio
         assert datetime.datetime(1970, 1, 2, tzinfo=datetime.timezone.utc).timestamp() == 86400
@@ -242,10 +242,11 @@ def test_cache_key_follows_kestrel_sources(tmp_path: Path) -> None:
 
 
 def test_a_dependency_edit_that_no_longer_applies_fails_the_freeze(tmp_path: Path) -> None:
-    from builder.freeze import PATCHED, FreezeError, Source, _patched
+    from builder.freeze import FreezeError, Source, _edited
+    from builder.freeze_edits import PATCHED
 
     rel = next(iter(PATCHED))
     changed = tmp_path / "changed.py"
     changed.write_text("# a release where the edited lines moved\n")
     with pytest.raises(FreezeError, match=f"{rel}: the freeze's source edit no longer applies"):
-        _patched(Source(changed, rel), tmp_path)
+        _edited(Source(changed, rel), tmp_path)
