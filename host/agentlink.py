@@ -1,9 +1,9 @@
-"""The monitor's side of kestrel's channel: connect, attach, store, ack, repeat.
+"""The monitor's side of kestrel's channel: the one session loop, writing into the store.
 
-One AgentLink per VM. It asks the driver for a fresh stream whenever the
-previous one ends (while the VMM lives), speaks kestrel.protocol.HostSession
-and writes every record into the store *before* acknowledging it, so a
-record the guest dropped from its buffer is always one the store holds.
+One AgentLink per VM: host.session.SessionLoop (attach, ack, reconnect,
+serialised sends) with this module's store sink, which writes every batch
+in one transaction *before* the loop acknowledges it, so a record the
+guest dropped from its buffer is always one the store holds.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 
 import trio
 
+from host.session import SessionLoop
 from host.state import Store
 from host.vmm import LaunchSpec, Running, VmmDriver, VmmError
 from kestrel.protocol import (
-    Attach,
     Dropped,
     Exit,
     Fatal,
@@ -32,108 +32,49 @@ from kestrel.protocol import (
     State,
     Stop,
     Timeline,
-    encode,
 )
-
-RECEIVE_SIZE = 256 * 1024
-# Re-send attach while no hello came back: bytes written to a virtio-serial
-# port before the guest opened it may be lost.
-REATTACH_S = 2.0
-RETRY_S = 0.1
 
 
 class AgentLink:
     def __init__(self, store: Store, name: str, *, last_seq: int = 0) -> None:
         self.store = store
         self.name = name
-        self.session = HostSession(last_seq=last_seq)
-        self.stream: trio.abc.Stream | None = None
-        self.hello_seen = trio.Event()
-        self.drained = trio.Event()
+        self.loop = SessionLoop(self, last_seq=last_seq)
         self.launched_at = 0.0
         self.fatal = ""
         self.poweroff = False
         self.exit_seen = False
-        self.connections = 0
-        self._send_lock = trio.Lock()
+
+    @property
+    def session(self) -> HostSession:
+        return self.loop.session
+
+    @property
+    def hello_seen(self) -> trio.Event:
+        return self.loop.hello_seen
+
+    @property
+    def drained(self) -> trio.Event:
+        return self.loop.drained
 
     async def run(
         self, driver: VmmDriver, spec: LaunchSpec, running: Running, exited: trio.Event
     ) -> None:
         """Keep a session up until the VMM exits and the last stream ends."""
-        last_error = ""
-        try:
-            while not exited.is_set():
-                try:
-                    stream = await driver.open_agent_stream(spec, running)
-                except (VmmError, OSError) as exc:
-                    if not exited.is_set():
-                        if str(exc) != last_error:  # once per distinct reason, not 10/s
-                            print(f"agent: connect: {exc}", flush=True)
-                            last_error = str(exc)
-                        await trio.sleep(RETRY_S)
-                    continue
-                try:
-                    await self.serve(stream)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    print(f"agent: connection lost: {exc}", flush=True)
-                except ProtocolError as exc:
-                    self.store.add_event(self.name, "protocol", "error", str(exc))
-                finally:
-                    self.stream = None
-                    with trio.CancelScope(shield=True):
-                        await stream.aclose()
-                if not exited.is_set():
-                    await trio.sleep(RETRY_S)
-        finally:
-            self.drained.set()
 
-    async def serve(self, stream: trio.abc.Stream) -> None:
-        """One connection: attach, then store and ack until EOF."""
-        self.connections += 1
-        self.stream = stream
-        opened = time.monotonic()
-        print(f"agent: connection {self.connections} open, attach last_seq="
-              f"{self.session.last_seq}", flush=True)
-        await self._send(self.session.attach())
-        greeted = False
-        reattached = 0
-        while True:
-            with trio.move_on_after(REATTACH_S) as idle:
-                data = await stream.receive_some(RECEIVE_SIZE)
-            if idle.cancelled_caught:
-                if not greeted:
-                    reattached += 1
-                    await self._send(encode(Attach(last_seq=self.session.last_seq)))
-                continue
-            if not data:
-                return
-            messages = self.session.receive(bytes(data))
-            if not greeted and any(isinstance(m, Hello) for m in messages):
-                greeted = True
-                print(f"agent: hello {time.monotonic() - opened:.2f} s after connecting "
-                      f"({reattached} attach re-sent)", flush=True)
-            self.record(messages)
-            ack = self.session.ack()
-            if ack:
-                await self._send(ack)
+        async def connect() -> trio.abc.Stream:
+            return await driver.open_agent_stream(spec, running)
 
-    async def _send(self, data: bytes) -> None:
-        stream = self.stream
-        if stream is None:
-            raise trio.ClosedResourceError("no agent connection")
-        async with self._send_lock:
-            await stream.send_all(data)
+        def protocol_error(exc: ProtocolError) -> None:
+            self.store.add_event(self.name, "protocol", "error", str(exc))
+
+        await self.loop.run(connect, lambda: not exited.is_set(),
+                            on_protocol_error=protocol_error,
+                            connect_errors=(VmmError, OSError))
 
     async def send_stop(self, grace: float) -> bool:
         """Ask kestrel to stop the workload and power off; False when unreachable."""
-        if self.stream is None or not self.hello_seen.is_set():
-            return False
-        try:
-            await self._send(self.session.command(Stop(grace_s=grace)))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return False
-        return True
+        return await self.loop.command(Stop(grace_s=grace))
 
     # --- into the store ---------------------------------------------------
 
@@ -159,7 +100,6 @@ class AgentLink:
                     if status == "starting":
                         status = "running"
                         store.set_status(name, status, f"kestrel {m.agent} said hello")
-                    self.hello_seen.set()
                 elif isinstance(m, Timeline):
                     boot.setdefault("timeline", {})[m.mark] = m.uptime
                     boot_changed = True

@@ -1,9 +1,11 @@
 """The QEMU driver: LaunchSpec -> qemu-system-x86_64 command, start, agent stream, stop.
 
 TCG by default (this machine's /dev/kvm is PVM-only); the guest boots the
-PVH vmlinux directly, talks to the host over a virtio-serial port backed by
-a unix socket, and reaches the host only through user networking with
-``restrict=on`` and a 127.0.0.1 port forward.
+PVH vmlinux directly and reaches the host only through user networking with
+``restrict=on`` and a 127.0.0.1 port forward. kestrel talks to the host
+over vsock, as in production: a vhost-user-vsock device served by rust-vmm's
+vhost-device-vsock in hybrid mode (host/vsock.py, the same host code as
+cloud-hypervisor). ``channel="serial"`` keeps the older virtio-serial port.
 
 Machine choice (measured here, busybox init, 2 boots at a time on a loaded
 2-core host): microvm + tsc_early_khz 16/16 boots, wall median 6.4 s; q35
@@ -13,10 +15,8 @@ KESTREL_QEMU_MACHINE=q35 and KESTREL_QEMU_ACCEL=kvm override the defaults.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +24,20 @@ from pathlib import Path
 import trio
 
 from host.qmp import QmpClient, QmpError
-from host.vmm import LaunchSpec, Running, VmmError, prepare_launch
+from host.vmm import Helper, LaunchSpec, Running, VmmError, prepare_launch, terminate
+from host.vsock import (
+    BACKEND_SOCKET,
+    FIRST_GUEST_CID,
+    AgentListener,
+    hybrid_socket,
+    require_backend,
+    start_backend,
+)
 from kestrel.cmdline import Channel, parse_cmdline
-from kestrel.layout import SERIAL_PORT_NAME
+from kestrel.layout import SERIAL_PORT_NAME, VSOCK_PORT
 
 MACHINES = ("microvm", "q35")
+CHANNELS = ("vsock", "serial")
 # user networking's fixed addresses (QEMU docs, "Using the user mode network stack").
 GUEST_IP = "10.0.2.15"
 GATEWAY_IP = "10.0.2.2"
@@ -80,10 +89,17 @@ class QemuDriver:
     accel: str = field(default_factory=lambda: os.environ.get("KESTREL_QEMU_ACCEL", "tcg"))
     tsc_khz: int | None = None
     connect_timeout: float = 60.0
+    # How kestrel reaches the host: vsock (production's path) or virtio-serial.
+    channel: str = "vsock"
+    guest_cid: int = FIRST_GUEST_CID
 
     def __post_init__(self) -> None:
         if self.machine not in MACHINES:
             raise VmmError(f"QEMU machine {self.machine!r}: expected one of {', '.join(MACHINES)}")
+        if self.channel not in CHANNELS:
+            raise VmmError(f"channel {self.channel!r}: expected one of {', '.join(CHANNELS)}")
+        if self.guest_cid < FIRST_GUEST_CID:
+            raise VmmError(f"guest CID {self.guest_cid}: must be >= {FIRST_GUEST_CID}")
         if self.machine == "microvm" and self.tsc_khz is None:
             self.tsc_khz = host_tsc_khz()
             if self.tsc_khz is None:
@@ -92,6 +108,8 @@ class QemuDriver:
                 self.machine = "q35"
 
     def agent_channel(self) -> Channel:
+        if self.channel == "vsock":
+            return Channel("vsock", port=VSOCK_PORT)
         return Channel("serial", name=SERIAL_PORT_NAME)
 
     # --- command line ---------------------------------------------------------
@@ -104,7 +122,8 @@ class QemuDriver:
             words.append("console=ttyS0")
         if "panic" not in given:
             words.append("panic=-1")  # with -no-reboot a panic ends QEMU
-        if "kestrel.channel" not in given:
+        # vsock:9000 is kestrel's own default: only serial needs saying.
+        if "kestrel.channel" not in given and self.channel != "vsock":
             words.append(f"kestrel.channel={self.agent_channel()}")
         if "ip" not in given:
             host = _hostname(spec.name)
@@ -122,10 +141,29 @@ class QemuDriver:
         # microvm has no PCI: its virtio devices sit on virtio-mmio.
         return f"virtio-{kind}-device" if self.machine == "microvm" else f"virtio-{kind}-pci"
 
+    def _channel_args(self, spec: LaunchSpec) -> list[str]:
+        run = spec.run_dir
+        if self.channel == "serial":
+            return [
+                "-chardev", f"socket,id=agent0,path={run / 'agent.sock'},server=on,wait=off",
+                "-device", self._dev("serial"),
+                "-device", f"virtserialport,chardev=agent0,name={SERIAL_PORT_NAME}",
+            ]
+        # vhost-user: the backend maps guest RAM, so RAM is a shared memfd.
+        device = ("vhost-user-vsock-device" if self.machine == "microvm"
+                  else "vhost-user-vsock-pci")
+        return [
+            "-object", f"memory-backend-memfd,id=mem0,size={spec.memory_mb}M,share=on",
+            "-chardev", f"socket,id=vvsock,path={run / BACKEND_SOCKET}",
+            "-device", f"{device},chardev=vvsock,guest-cid={self.guest_cid}",
+        ]
+
     def command(self, spec: LaunchSpec) -> list[str]:
         run = spec.run_dir
         # microvm keeps rtc on: without it the guest spends ~2 s more (measured-here.md).
         machine = "microvm,rtc=on,isa-serial=on" if self.machine == "microvm" else "q35"
+        if self.channel == "vsock":
+            machine += ",memory-backend=mem0"
         netdev = "user,id=n0,restrict=on"
         if spec.guest_port is not None:
             netdev += f",hostfwd=tcp:127.0.0.1:{spec.host_port}-:{spec.guest_port}"
@@ -145,9 +183,7 @@ class QemuDriver:
             # A file never fills up, so the guest can never block on its console.
             "-chardev", f"file,id=con0,path={run / 'console.log'}",
             "-serial", "chardev:con0",
-            "-chardev", f"socket,id=agent0,path={run / 'agent.sock'},server=on,wait=off",
-            "-device", self._dev("serial"),
-            "-device", f"virtserialport,chardev=agent0,name={SERIAL_PORT_NAME}",
+            *self._channel_args(spec),
             "-netdev", netdev,
             "-device", net,
             "-device", self._dev("rng"),  # entropy early, no blocking getrandom (R8)
@@ -163,18 +199,38 @@ class QemuDriver:
     # --- lifecycle --------------------------------------------------------------
 
     async def start(self, spec: LaunchSpec) -> Running:
+        """Listener, backend, QEMU, QMP - in that order; on failure nothing is left running."""
         prepare_launch(spec, binary=self.binary, install_hint="apt-get install qemu-system-x86")
+        backend = require_backend() if self.channel == "vsock" else None
         for stale in ("agent.sock", "qmp.sock", "console.log"):
             (spec.run_dir / stale).unlink(missing_ok=True)
         console = spec.run_dir / "console.log"
         console.touch()
-        cmd = self.command(spec)
-        (spec.run_dir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
-        with open(spec.run_dir / "qemu.log", "wb") as qemu_log:
-            process = await trio.lowlevel.open_process(
-                cmd, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT
-            )
-        running = Running(process=process, console_log=console)
+        listener: AgentListener | None = None
+        helpers: list[Helper] = []
+        try:
+            if backend is not None:
+                # Listen first: the guest may connect as soon as its driver loads.
+                listener = await AgentListener.open(hybrid_socket(spec.run_dir), VSOCK_PORT)
+                # QEMU talks vhost-user to the backend while creating the device.
+                helpers.append(await start_backend(backend, cid=self.guest_cid,
+                                                   run_dir=spec.run_dir))
+            cmd = self.command(spec)
+            (spec.run_dir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
+            with open(spec.run_dir / "qemu.log", "wb") as qemu_log:
+                process = await trio.lowlevel.open_process(
+                    cmd, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # the VM outlives a monitor that dies
+                )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for helper in helpers:
+                    await helper.stop()
+                if listener is not None:
+                    await listener.aclose()
+            raise
+        running = Running(process=process, console_log=console, helpers=helpers,
+                          agent_listener=listener)
         try:
             async with await self._qmp(spec, running) as qmp:
                 if spec.guest_port is not None:
@@ -186,6 +242,7 @@ class QemuDriver:
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._kill(running)
+                await running.release()
             raise
         return running
 
@@ -227,11 +284,14 @@ class QemuDriver:
         raise VmmError(f"{spec.name}: {errors[0] if errors else 'QMP unreachable'}")
 
     async def open_agent_stream(self, spec: LaunchSpec, running: Running) -> trio.abc.Stream:
-        """Connect to the agent socket, retrying until QEMU accepts or the deadline.
+        """vsock: kestrel's next connection. serial: connect to QEMU's socket, retrying.
 
-        QEMU serves one client at a time on the socket: a second connection
-        waits until the first goes away.
+        QEMU serves one client at a time on the serial socket: a second
+        connection waits until the first goes away.
         """
+        if running.agent_listener is not None:
+            return await running.agent_listener.accept(
+                running.process, timeout=self.connect_timeout, what=spec.name)
         path = str(spec.run_dir / "agent.sock")
         with trio.move_on_after(self.connect_timeout):
             while running.process.returncode is None:
@@ -244,7 +304,7 @@ class QemuDriver:
                        f"within {self.connect_timeout:.0f} s")
 
     async def shutdown(self, spec: LaunchSpec, running: Running, *, timeout: float) -> None:
-        """QMP quit, then SIGTERM, then SIGKILL; returns once QEMU is reaped."""
+        """QMP quit, then SIGTERM, then SIGKILL; returns once QEMU and its backend are gone."""
         process = running.process
         if process.returncode is None:
             with trio.move_on_after(max(timeout, 0.5)):
@@ -257,15 +317,7 @@ class QemuDriver:
                     pass  # QEMU may be gone already, or wedged: signals follow
                 await process.wait()
         await self._kill(running)
+        await running.release()
 
     async def _kill(self, running: Running) -> None:
-        process = running.process
-        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
-            if process.returncode is not None:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(sig)
-            with trio.move_on_after(wait):
-                await process.wait()
-        if process.returncode is None:
-            raise VmmError(f"QEMU pid {process.pid} survived SIGKILL")
+        await terminate(running.process, grace=3.0, what="QEMU")

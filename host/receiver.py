@@ -2,23 +2,24 @@
 
 ``python -m host.receiver PATH`` (also ``volar agent listen PATH``) prints
 every message as one JSON object per line: a debugging aid for agents run
-outside a VM (kestrel.channel=unix:PATH). ``serve`` is the same loop for
-tests and benchmarks: it keeps one HostSession across reconnects, so
-replays are deduplicated and gaps counted exactly as the monitor does.
+outside a VM (kestrel.channel=unix:PATH). ``serve`` runs volar's one session
+loop (host/session.py) on a unix listener: tests and benchmarks use it too,
+so replays are deduplicated and gaps counted exactly as the monitor does.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import sys
-from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import trio
 
+from host.session import SessionLoop, Sink
+from host.vsock import private_listener
 from kestrel.protocol import HostSession, Message, Unknown
 
 
@@ -40,39 +41,30 @@ def to_json(msg: Message) -> dict[str, Any]:
     return out
 
 
+class JsonLines:
+    """A sink that prints each record as one JSON object per line."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def record(self, messages: list[Message]) -> None:
+        for msg in messages:
+            self.out.write(json.dumps(to_json(msg)) + "\n")
+        self.out.flush()  # printed before acked, like the store's commit
+
+
 async def serve(
     path: str,
-    on_message: Callable[[Message], None],
+    sink: Sink,
     *,
     session: HostSession | None = None,
-    task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[SessionLoop] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept kestrel connections on ``path`` one at a time, forever."""
-    session = session or HostSession()
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    await sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(4)
-    listener = trio.SocketListener(sock)
-    task_status.started(listener)
-    async with listener:
-        while True:
-            stream = await listener.accept()
-            async with stream:
-                try:
-                    await stream.send_all(session.attach())
-                    while data := await stream.receive_some(1 << 20):
-                        for msg in session.receive(data):
-                            on_message(msg)
-                        ack = session.ack()
-                        if ack:
-                            await stream.send_all(ack)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+    """Accept kestrel connections on ``path`` (created 0600) one at a time, forever."""
+    loop = SessionLoop(sink, session=session, say=lambda line: None)
+    listener = await private_listener(Path(path))
+    task_status.started(loop)
+    await loop.serve_listener(listener)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m host.receiver SOCKET_PATH", file=sys.stderr)
         return 2
 
-    def show(msg: Message) -> None:
-        sys.stdout.write(json.dumps(to_json(msg)) + "\n")
-        sys.stdout.flush()
-
     try:
-        trio.run(serve, args[0], show)
+        trio.run(serve, args[0], JsonLines(sys.stdout))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:

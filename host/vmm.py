@@ -7,14 +7,19 @@ monitor a byte stream to kestrel, and stops the VMM when asked. The monitor
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from kestrel.cmdline import Channel
+
+if TYPE_CHECKING:
+    from host.vsock import AgentListener
 
 
 class VmmError(RuntimeError):
@@ -48,6 +53,44 @@ def prepare_launch(spec: LaunchSpec, *, binary: str, install_hint: str) -> None:
     spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
+async def terminate(process: trio.Process, *, grace: float = 3.0, what: str = "process") -> None:
+    """SIGTERM, ``grace`` seconds, SIGKILL; returns once the process is reaped."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        if process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        with trio.move_on_after(wait):
+            await process.wait()
+    if process.returncode is None:
+        raise VmmError(f"{what} pid {process.pid} survived SIGKILL")
+
+
+@dataclass
+class Helper:
+    """A process the VM needs besides the VMM (the vsock backend): it lives and dies with it."""
+
+    name: str
+    process: trio.Process
+    log: Path
+
+    def log_tail(self, chars: int = 800) -> str:
+        try:
+            return self.log.read_text(errors="replace").strip()[-chars:]
+        except OSError:
+            return ""
+
+    def failure(self) -> str:
+        """Why the VM cannot go on: the helper's exit and the end of its log."""
+        code = self.process.returncode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited {code}"
+        tail = self.log_tail()
+        return f"{self.name} (pid {self.process.pid}) {how}" + (f": {tail}" if tail else "")
+
+    async def stop(self) -> None:
+        await terminate(self.process, grace=2.0, what=self.name)
+
+
 @dataclass
 class Running:
     """What a started VMM looks like to the monitor."""
@@ -56,6 +99,17 @@ class Running:
     console_log: Path
     # Where the workload is reachable from the host, e.g. "127.0.0.1:34567".
     address: str = ""
+    # Processes the VM depends on: if one dies, the VM is crashed.
+    helpers: list[Helper] = field(default_factory=list)
+    # The hybrid vsock listener for kestrel's connections (vsock channel only).
+    agent_listener: AgentListener | None = None
+
+    async def release(self) -> None:
+        """After the VMM is gone: stop the helpers, close the listener."""
+        for helper in self.helpers:
+            await helper.stop()
+        if self.agent_listener is not None:
+            await self.agent_listener.aclose()
 
 
 class VmmDriver(Protocol):

@@ -1,7 +1,7 @@
 """Run kestrel as PID 1 of fresh PID, mount, UTS and network namespaces.
 
 A file bind-mounted over /proc/cmdline carries the configuration, the
-channel is a unix socket this harness serves with the real HostSession,
+channel is a unix socket served by volar's own session loop (host.session),
 and reboot(2) in a PID namespace kills the namespace's init with SIGINT:
 that is how a test sees a power-off. CAP_SYS_MODULE is dropped, so nothing
 here can load a module into this machine's kernel.
@@ -22,8 +22,10 @@ from typing import Any
 
 import trio
 
+from host.session import Collector, SessionLoop
+from host.vsock import private_listener
 from kestrel.cmdline import encode_manifest
-from kestrel.protocol import Exit, Health, HostSession, Log, Message, State
+from kestrel.protocol import Exit, Health, HostSession, Log, Message, Ping, Signal, State, Stop
 
 REPO = Path(__file__).resolve().parent.parent
 # Outside /tmp and /run: kestrel mounts tmpfs over those inside its namespace.
@@ -45,10 +47,12 @@ class Run:
     """What the host saw: messages in arrival order, the console, the exit."""
 
     def __init__(self) -> None:
-        self.messages: list[Message] = []
+        self.collector = Collector()
+        self.messages: list[Message] = self.collector.messages
         self.console = ""
         self.returncode: int | None = None
-        self.session = HostSession()
+        self.loop = SessionLoop(self.collector, say=lambda line: None)
+        self.session: HostSession = self.loop.session
         self.dir = Path()
         self.host_pid = 0  # kestrel's pid as this machine sees it
 
@@ -83,27 +87,19 @@ class Kestrel:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.stream: trio.abc.Stream | None = None
-        self.changed = trio.Event()
-        self.connected = trio.Event()
-        self.send_lock = trio.Lock()  # acks and commands share the stream
 
     def signal(self, signum: int) -> None:
         os.kill(self.run.host_pid, signum)
 
-    async def send(self, msg: Message) -> None:
-        assert self.stream is not None
-        async with self.send_lock:
-            await self.stream.send_all(self.run.session.command(msg))  # type: ignore[arg-type]
+    async def send(self, msg: Stop | Signal | Ping) -> None:
+        assert await self.run.loop.command(msg), f"no attached kestrel took {msg!r}"
 
     async def wait_for(self, pred: Callable[[Run], bool], timeout: float = 30) -> None:
         with trio.fail_after(timeout):
-            while not pred(self.run):
-                await self.changed.wait()
+            await self.run.collector.wait_for(lambda: pred(self.run))
 
     async def disconnect(self) -> None:
-        if self.stream is not None:
-            await self.stream.aclose()
+        await self.run.loop.disconnect()
 
 
 async def run_kestrel(
@@ -149,8 +145,8 @@ async def run_kestrel(
     try:
         async with trio.open_nursery() as nursery:
             if serve:
-                listener = await _listen(sock)
-                nursery.start_soon(_serve, listener, k)
+                listener = await private_listener(sock)
+                nursery.start_soon(run.loop.serve_listener, listener)
             proc = await trio.lowlevel.open_process(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -197,35 +193,6 @@ def _child_of(pid: int) -> int:
     except OSError:
         return 0
     return int(kids[0]) if kids else 0
-
-
-async def _listen(path: Path) -> trio.SocketListener:
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    sock.listen(4)
-    return trio.SocketListener(sock)
-
-
-async def _serve(listener: trio.SocketListener, k: Kestrel) -> None:
-    session = k.run.session
-    async with listener:
-        while True:
-            stream = await listener.accept()
-            k.stream = stream
-            k.connected.set()
-            try:
-                await stream.send_all(session.attach())
-                while data := await stream.receive_some(1 << 20):
-                    k.run.messages.extend(session.receive(data))
-                    k.changed.set()
-                    k.changed = trio.Event()
-                    ack = session.ack()
-                    if ack:
-                        async with k.send_lock:
-                            await stream.send_all(ack)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            k.connected = trio.Event()
 
 
 async def _drain(proc: trio.Process, run: Run) -> None:
