@@ -112,13 +112,22 @@ def _vm_show(store: Store, vm: Vm) -> dict[str, Any]:
         monitor_log=str(Path(vm.run_dir) / "monitor.log"),
         cmdline=vm.cmdline, vmm_command=vm.vmm_command, monitor_pid=vm.monitor_pid,
         vmm_pid=vm.vmm_pid, created_at=vm.created_at, running_at=vm.running_at,
-        ended_at=vm.ended_at, fatal=vm.fatal,
+        ended_at=vm.ended_at, fatal=vm.fatal, channel=vm.channel, guest_cid=vm.guest_cid,
+        vsock_socket=_vsock_socket(vm),
         exit=json.loads(vm.exit_json) if vm.exit_json else None,
         boot=_boot_timeline(store, vm), metrics=vm.metrics,
         events=[{k: e[k] for k in ("time", "kind", "value", "detail")}
                 for e in store.events(vm.name)],
     )
     return out
+
+
+def _vsock_socket(vm: Vm) -> str:
+    if vm.channel != "vsock":
+        return ""
+    from host.vsock import hybrid_socket
+
+    return str(hybrid_socket(Path(vm.run_dir)))
 
 
 def _boot_timeline(store: Store, vm: Vm) -> dict[str, Any]:
@@ -249,7 +258,7 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
         lifecycle.create(
             store, args.name, plugin=args.plugin, cpu=args.cpu, memory=args.memory,
             kernel=args.kernel, vmm=args.vmm, port=args.port, boot_timeout=args.timeout,
-            say=lambda line: print(line, flush=True),
+            say=lambda line: print(line, flush=True), channel=args.channel,
         )
     elif a == "list":
         vms = store.vms()
@@ -336,6 +345,8 @@ def _vms_parser(vm: Any) -> None:
     c.add_argument("--vmm", help="qemu (default) or cloud-hypervisor")
     c.add_argument("--port", type=int, default=0, help="host port for the workload (0: any)")
     c.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for kestrel")
+    c.add_argument("--channel", choices=("vsock", "serial"),
+                   help="how kestrel talks to volar: vsock (default) or virtio-serial (QEMU)")
     vm.add_parser("list").add_argument("--json", action="store_true")
     for verb in ("show", "stats"):
         sp = vm.add_parser(verb)

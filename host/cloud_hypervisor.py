@@ -2,8 +2,8 @@
 
 kestrel reaches the host over CH's hybrid vsock (host/vsock.py, the same
 code as QEMU's vhost-user backend): the guest connects to (CID 2, port P)
-and CH connects to ``<vsock socket>_<P>``, which we listen on before boot. Stop goes through the REST API
-(power button, then vmm.shutdown), then signals. Volant launched
+and CH connects to ``<vsock socket>_<P>``, which we listen on before boot.
+Stop goes through the REST API (power button, then vmm.shutdown), then signals. Volant launched
 ``--vsock cid=N`` without ``socket=`` (rejected by CH); we always pass both.
 """
 
@@ -17,10 +17,12 @@ import trio
 
 from host.chapi import ChApiError, CloudHypervisorApi
 from host.ipam import BRIDGE, GATEWAY, SUBNET
+from host.state import FIRST_GUEST_CID
 from host.vmm import LaunchSpec, Running, VmmError, prepare_launch, terminate
-from host.vsock import FIRST_GUEST_CID, AgentListener, hybrid_socket
+from host.vsock import AgentListener, hybrid_socket
 from kestrel.cmdline import Channel
 from kestrel.layout import VSOCK_PORT
+
 
 def _paths(spec: LaunchSpec) -> tuple[Path, Path, Path]:
     run = spec.run_dir

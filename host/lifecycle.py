@@ -100,6 +100,7 @@ def create(
     port: int,
     boot_timeout: float,
     say: Callable[[str], None],
+    channel: str | None = None,
 ) -> Vm:
     from host import ipam
     from host.plugins import manifest_of
@@ -129,6 +130,7 @@ def create(
         raise VolarError("cloud-hypervisor is not installed (no `cloud-hypervisor` on PATH)")
     if not 0 <= port <= 65535:
         raise VolarError(f"--port {port}: must be 0..65535")
+    channel = _channel(vmm, channel, say)
     cpus = cpu or manifest.resources.cpu_cores
     mem = memory or manifest.resources.memory_mb
     if cpus < 1 or mem < 64:
@@ -139,11 +141,13 @@ def create(
         with store.transaction():
             store.db.execute(
                 "INSERT INTO vms (name, plugin, vmm, status, cpus, memory_mb, kernel, initramfs,"
-                " run_dir, host_port, created_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                " run_dir, host_port, created_at, channel)"
+                " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, plugin, vmm, cpus, mem, str(kernel_path), row["artifact_path"],
-                 str(run_dir), port, time.time()),
+                 str(run_dir), port, time.time(), channel),
             )
             store.add_event(name, "status", "pending", "created")
+            store.allocate_cid(name)
             if vmm == "cloud-hypervisor":
                 ip, mac = ipam.allocate(store, name)
                 store.update_vm(name, ip=ip, mac=mac, tap=ipam.tap_name(name))
@@ -161,6 +165,34 @@ def create(
     where = f"IP {vm.ip}" if vm.ip else f"address {vm.address or '(none published)'}"
     say(f"VM {name} created with {where}")
     return vm
+
+
+def _channel(vmm: str, requested: str | None, say: Callable[[str], None]) -> str:
+    """vsock unless asked otherwise; QEMU without vhost-device-vsock falls back to serial."""
+    if requested not in (None, "vsock", "serial"):
+        raise VolarError(f"--channel {requested}: expected vsock or serial")
+    if vmm == "cloud-hypervisor":
+        if requested == "serial":
+            raise VolarError("--channel serial: cloud-hypervisor has no virtio-serial port; "
+                             "it talks vsock only")
+        return "vsock"
+    if vmm != "qemu":
+        return requested or ""  # a custom driver chooses its own channel
+    if requested == "serial":
+        return "serial"
+    from host.vmm import VmmError
+    from host.vsock import default_channel, require_backend
+
+    try:
+        if requested == "vsock":
+            require_backend()
+            return "vsock"
+        chosen, why = default_channel()
+    except VmmError as exc:
+        raise VolarError(str(exc)) from None
+    if why:
+        say(f"volar: {why}")
+    return chosen
 
 
 def wait_for_boot(store: Store, name: str, proc: subprocess.Popen[bytes], *,
@@ -243,6 +275,9 @@ def delete(store: Store, name: str) -> None:
         if time.monotonic() > deadline:
             raise VolarError(f"VM {name}: its monitor (pid {vm.monitor_pid}) is still running")
         time.sleep(POLL_S)
+    if process_alive(vm.backend_pid, vm.backend_start):
+        os.kill(vm.backend_pid, 9)  # a vsock backend left by a VMM that died with its monitor
+    # The run directory holds every socket: control, QMP, vsock, the backend's.
     shutil.rmtree(vm.run_dir, ignore_errors=True)
     if vm.tap:
         from host.cloud_hypervisor import delete_tap

@@ -25,7 +25,7 @@ import trio
 
 from host.agentlink import AgentLink
 from host.state import Store, proc_start_time
-from host.vmm import LaunchSpec, Running, VmmDriver, VmmError
+from host.vmm import Helper, LaunchSpec, Running, VmmDriver, VmmError
 from kestrel.cmdline import CmdlineError, build_cmdline
 from kestrel.manifest import load_manifest
 
@@ -37,14 +37,19 @@ CONTROL_SOCKET = "control.sock"
 # to exit (TCG guests are slow to sync and power down).
 STOP_MARGIN_S = 10.0
 CONSOLE_TAIL_LINES = 20
+# A helper and its VMM that end within this of each other ended together
+# (a power-off closes the backend's socket); only a helper that dies alone
+# under a running VMM is the VM's crash.
+HELPER_GRACE_S = 1.0
 
 
-def make_driver(vmm: str) -> VmmDriver:
+def make_driver(vmm: str, *, channel: str = "", guest_cid: int = 0) -> VmmDriver:
     """The driver for ``--vmm``: qemu, cloud-hypervisor or ``module:Class``."""
     if vmm == "qemu":
         from host.qemu import QemuDriver
+        from host.state import FIRST_GUEST_CID
 
-        return QemuDriver()
+        return QemuDriver(channel=channel or "vsock", guest_cid=guest_cid or FIRST_GUEST_CID)
     if vmm == "cloud-hypervisor":
         from host.cloud_hypervisor import CloudHypervisorDriver
 
@@ -92,6 +97,7 @@ class Monitor:
         self.exit_code: int | None = None
         self.stop_requested = False
         self.stop_forced = ""
+        self.helper_failed = ""  # a helper (the vsock backend) died under a live VMM
 
     # --- launch -----------------------------------------------------------
 
@@ -111,7 +117,8 @@ class Monitor:
                 "ip": ip,
             },
         )
-        extra = {k: v for k, v in (("ip", vm.ip), ("mac", vm.mac), ("tap", vm.tap)) if v}
+        extra = {k: v for k, v in (("ip", vm.ip), ("mac", vm.mac), ("tap", vm.tap),
+                                   ("cid", str(vm.guest_cid or ""))) if v}
         return LaunchSpec(
             name=self.name,
             run_dir=self.run_dir,
@@ -129,7 +136,8 @@ class Monitor:
         store, name = self.store, self.name
         store.update_vm(name, monitor_pid=os.getpid(), monitor_start=proc_start_time(os.getpid()))
         try:
-            self.driver = make_driver(self.vm.vmm)
+            self.driver = make_driver(self.vm.vmm, channel=self.vm.channel,
+                                      guest_cid=self.vm.guest_cid)
             self.spec = spec = self._spec(self.driver)
             command = shlex.join(self.driver.command(spec))
         except (VmmError, CmdlineError, ImportError, OSError) as exc:
@@ -150,21 +158,40 @@ class Monitor:
             )
             return
         pid = running.process.pid
+        backend = running.helpers[0].process.pid if running.helpers else 0
         store.update_vm(
             name,
             vmm_pid=pid,
             vmm_start=proc_start_time(pid),
+            backend_pid=backend,
+            backend_start=proc_start_time(backend) if backend else 0,
             address=running.address,
             console_log=str(running.console_log),
         )
         self.link.launched_at = launched
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._wait_vmm, nursery.cancel_scope)
+            for helper in running.helpers:
+                nursery.start_soon(self._watch_helper, helper)
             nursery.start_soon(self.link.run, self.driver, spec, running, self.exited)
             nursery.start_soon(self._boot_deadline)
             nursery.start_soon(self._serve_control, nursery)
             nursery.start_soon(self._signals, nursery)
+        with trio.CancelScope(shield=True):
+            await running.release()
         self._finish()
+
+    async def _watch_helper(self, helper: Helper) -> None:
+        """A helper that dies under a live VMM crashes the VM: kestrel's channel is gone."""
+        await helper.process.wait()
+        if self.exited.is_set() or self.stop_requested:
+            return
+        with trio.move_on_after(HELPER_GRACE_S):
+            await self.exited.wait()  # the VMM went first, or at the same time: not the cause
+            return
+        self.helper_failed = helper.failure()
+        self.store.add_event(self.name, "helper", helper.name, self.helper_failed)
+        await self._kill_vmm()
 
     async def _wait_vmm(self, scope: trio.CancelScope) -> None:
         assert self.running is not None
@@ -266,7 +293,9 @@ class Monitor:
     def _finish(self) -> None:
         link, code = self.link, self.exit_code
         (self.run_dir / CONTROL_SOCKET).unlink(missing_ok=True)
-        if link.fatal:
+        if self.helper_failed:
+            status, detail = "crashed", self.helper_failed
+        elif link.fatal:
             status, detail = "failed", f"kestrel: {link.fatal}"
         elif self.stop_forced and not self.stop_requested:
             status, detail = "failed", self.stop_forced
@@ -279,11 +308,11 @@ class Monitor:
         else:
             status = "crashed"
             detail = f"VMM exited with code {code} without a power-off report from kestrel"
-        if status in ("failed", "crashed") and self.running is not None:
+        if status in ("failed", "crashed") and self.running is not None and not self.helper_failed:
             tail = console_tail(self.running.console_log, lines=8)
             if tail and not link.fatal:
                 detail += "; console tail:\n" + tail
-        self.store.set_status(self.name, status, detail, vmm_pid=0)
+        self.store.set_status(self.name, status, detail, vmm_pid=0, backend_pid=0)
 
 
 def main(argv: list[str] | None = None) -> int:

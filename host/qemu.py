@@ -24,10 +24,10 @@ from pathlib import Path
 import trio
 
 from host.qmp import QmpClient, QmpError
+from host.state import FIRST_GUEST_CID
 from host.vmm import Helper, LaunchSpec, Running, VmmError, prepare_launch, terminate
 from host.vsock import (
     BACKEND_SOCKET,
-    FIRST_GUEST_CID,
     AgentListener,
     hybrid_socket,
     require_backend,
@@ -155,7 +155,8 @@ class QemuDriver:
         return [
             "-object", f"memory-backend-memfd,id=mem0,size={spec.memory_mb}M,share=on",
             "-chardev", f"socket,id=vvsock,path={run / BACKEND_SOCKET}",
-            "-device", f"{device},chardev=vvsock,guest-cid={self.guest_cid}",
+            # The guest CID is the backend's (vhost-user config space), not a QEMU property.
+            "-device", f"{device},chardev=vvsock",
         ]
 
     def command(self, spec: LaunchSpec) -> list[str]:

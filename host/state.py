@@ -98,7 +98,19 @@ MIGRATIONS: list[str] = [
     """,
     # 2: the stop grace a user asked for, kept so the monitor can read it.
     "ALTER TABLE vms ADD COLUMN stop_grace REAL NOT NULL DEFAULT 10.0;",
+    # 3: how kestrel talks to the host (vsock or serial), each VM's own guest
+    # CID, and the vsock backend process (QEMU's vhost-device-vsock).
+    """
+    ALTER TABLE vms ADD COLUMN channel TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vms ADD COLUMN guest_cid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE vms ADD COLUMN backend_pid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE vms ADD COLUMN backend_start INTEGER NOT NULL DEFAULT 0;
+    UPDATE vms SET channel = CASE vmm WHEN 'qemu' THEN 'serial' ELSE 'vsock' END;
+    CREATE UNIQUE INDEX vms_guest_cid ON vms (guest_cid) WHERE guest_cid > 0;
+    """,
 ]
+# linux/vm_sockets.h: CIDs 0-2 are the hypervisor, local and the host.
+FIRST_GUEST_CID = 3
 
 
 def default_state_dir() -> Path:
@@ -304,6 +316,16 @@ class Store:
         for r in cur:
             yield int(r[0]), str(r[1]), bytes(r[2]), float(r[3])
 
+    def allocate_cid(self, name: str) -> int:
+        """The lowest guest CID no other VM holds (>= 3), recorded for ``name``."""
+        with self.transaction():
+            used = {int(r[0]) for r in self.db.execute(
+                "SELECT guest_cid FROM vms WHERE guest_cid > 0 AND name != ?", (name,))}
+            cid = next(c for c in range(FIRST_GUEST_CID, FIRST_GUEST_CID + len(used) + 1)
+                       if c not in used)
+            self.update_vm(name, guest_cid=cid)
+        return cid
+
     def delete_vm(self, name: str) -> None:
         with self.transaction():
             for table in ("vm_logs", "vm_events"):
@@ -331,6 +353,9 @@ class Store:
                 # Nobody owns the VMM any more: it would run unobserved forever.
                 os.kill(vm.vmm_pid, signal.SIGKILL)
                 detail += f"; killed its orphaned VMM (pid {vm.vmm_pid})"
+            if process_alive(vm.backend_pid, vm.backend_start):
+                # The vsock backend serves the next VMM forever: it goes with its VMM.
+                os.kill(vm.backend_pid, signal.SIGKILL)
             now = time.time()
             self.update_vm(vm.name, status="crashed", detail=detail, ended_at=now)
             self.add_event(vm.name, "status", "crashed", detail, when=now)

@@ -30,8 +30,6 @@ BACKEND_BINARY = "vhost-device-vsock"
 # Where `make vhost-device-vsock` installs it (cargo install --root).
 CACHE_BINARY = (Path(__file__).resolve().parent.parent / ".cache" / "vhost-device-vsock"
                 / "bin" / BACKEND_BINARY)
-# linux/vm_sockets.h: 0 hypervisor, 1 local, 2 host; guests start at 3.
-FIRST_GUEST_CID = 3
 CONNECT_OK_TIMEOUT_S = 1.0
 CONNECT_RETRY_S = 0.1
 BACKEND_READY_S = 10.0

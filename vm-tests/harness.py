@@ -1,9 +1,10 @@
 """Boot a real kernel under QEMU for a test and watch everything it says.
 
 ``boot()`` starts QEMU through host.qemu.QemuDriver inside an outer timeout,
-copies the serial console line by line with host timestamps, speaks kestrel's
-protocol on the agent socket (collecting every message), and always ends
-with QEMU gone. On failure it prints the QEMU command line, the run
+copies the serial console line by line with host timestamps, runs volar's
+own session loop (host.session) on the agent channel - vsock by default -
+collecting every message, and always ends with QEMU and its vsock backend
+gone. On failure it prints the QEMU command line, the run
 directory it keeps and the console tail, so the boot can be reproduced.
 """
 
@@ -21,13 +22,11 @@ from typing import TypeVar
 import trio
 
 from host.qemu import QemuDriver
+from host.session import SessionLoop
 from host.vmm import LaunchSpec, Running, VmmError
 from kestrel.protocol import Hello, HostSession, Message, ProtocolError, Signal, Stop
 
 REPO = Path(__file__).resolve().parents[1]
-# Re-send attach while nothing came back: bytes the host writes before the
-# guest opens its virtio-serial port can be lost.
-REATTACH_S = 2.0
 M = TypeVar("M", bound=Message)
 
 
@@ -45,20 +44,38 @@ class Vm:
     spawned_at: float
     console: list[ConsoleLine] = field(default_factory=list)
     messages: list[tuple[float, Message]] = field(default_factory=list)
-    session: HostSession = field(default_factory=HostSession)
     exit_code: int | None = None
     exited_at: float | None = None
-    connections: int = 0
     console_done: bool = False
     agent_done: bool = False
     _changed: trio.Event = field(default_factory=trio.Event)
-    _stream: trio.abc.Stream | None = None
+    loop: SessionLoop = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loop = SessionLoop(self, say=lambda line: print(f"[host] agent: {line}", flush=True))
+
+    # --- the session loop's sink -------------------------------------------------
+
+    def record(self, messages: list[Message]) -> None:
+        now = time.monotonic() - self.spawned_at
+        for msg in messages:
+            self.messages.append((now, msg))
+            print(f"[agent {now:7.3f}] {msg!r}"[:400], flush=True)
+        self._notify()
 
     # --- what happened ------------------------------------------------------
 
     @property
     def address(self) -> str:
         return self.running.address
+
+    @property
+    def session(self) -> HostSession:
+        return self.loop.session
+
+    @property
+    def connections(self) -> int:
+        return self.loop.connections
 
     @property
     def hello(self) -> Hello | None:
@@ -111,10 +128,10 @@ class Vm:
         return self.exit_code
 
     async def send(self, msg: Stop | Signal) -> None:
-        await self.until(lambda: self._stream is not None and self.hello is not None,
+        """Through the loop's lock: a re-attach in flight cannot interleave with it."""
+        await self.until(lambda: self.loop.stream is not None and self.hello is not None,
                          timeout=60, what="an attached agent")
-        assert self._stream is not None
-        await self._stream.send_all(self.session.command(msg))
+        assert await self.loop.command(msg), f"the agent connection dropped before {msg!r}"
 
     def tail(self, lines: int = 40) -> str:
         return "console tail:\n" + "\n".join(
@@ -155,53 +172,18 @@ class Vm:
 
     async def _agent(self) -> None:
         """Attach, collect, ack; reconnect after EOF while QEMU lives."""
+
+        async def connect() -> trio.abc.Stream:
+            return await self.driver.open_agent_stream(self.spec, self.running)
+
+        def protocol_error(exc: ProtocolError) -> None:
+            print(f"[host] agent stream ended: {exc!r}", flush=True)
+
         try:
-            await self._agent_loop()
+            await self.loop.run(connect, lambda: self.exit_code is None,
+                                on_protocol_error=protocol_error, connect_errors=(VmmError,))
         finally:
             self.agent_done = True
-            self._notify()
-
-    async def _agent_loop(self) -> None:
-        while self.exit_code is None:
-            try:
-                stream = await self.driver.open_agent_stream(self.spec, self.running)
-            except VmmError:
-                return
-            self.connections += 1
-            try:
-                await self._serve(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError) as exc:
-                print(f"[host] agent stream ended: {exc!r}", flush=True)
-            finally:
-                self._stream = None
-                await stream.aclose()
-            await trio.sleep(0.1)
-
-    async def _serve(self, stream: trio.abc.Stream) -> None:
-        await stream.send_all(self.session.attach())
-        self._stream = stream
-        heard = False
-        # QEMU usually holds our bytes until the guest opens the port, so each
-        # resend can earn another hello + replay: back off instead of repeating.
-        reattach = REATTACH_S
-        while True:
-            data: bytes | bytearray = b""
-            with trio.move_on_after(reattach if not heard else float("inf")):
-                data = await stream.receive_some(262144)
-                if not data:
-                    return
-            if not data:
-                await stream.send_all(self.session.attach())
-                reattach *= 2
-                continue
-            heard = True
-            now = time.monotonic() - self.spawned_at
-            for msg in self.session.receive(bytes(data)):
-                self.messages.append((now, msg))
-                print(f"[agent {now:7.3f}] {msg!r}"[:400], flush=True)
-            ack = self.session.ack()
-            if ack:
-                await stream.send_all(ack)
             self._notify()
 
 
@@ -249,6 +231,7 @@ async def boot(
                             await driver.shutdown(spec, running, timeout=5)
                         with trio.move_on_after(10):
                             await vm.wait_exit(timeout=10)
+                        await running.release()  # the vsock backend outlives QEMU
                     nursery.cancel_scope.cancel()
         ok = True
     finally:
