@@ -6,8 +6,13 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev musl-tools make cpio zstd e2fsprogs \
 	qemu-system-x86 busybox-static caddy iproute2 util-linux curl lz4
 export KESTREL_KERNEL_DIR ?= $(CURDIR)/.cache/kernel
+# QEMU's vsock backend (rust-vmm, vhost-user). Pinned; --locked uses the crate's
+# own Cargo.lock. volar finds it here (after $$KESTREL_VHOST_VSOCK and PATH).
+VHOST_VSOCK_VERSION := 0.3.0
+VHOST_VSOCK_ROOT := .cache/vhost-device-vsock
+VHOST_VSOCK := $(VHOST_VSOCK_ROOT)/bin/vhost-device-vsock
 
-.PHONY: setup apt venv kernel lint test test-fast vm-test demo bench fuzz clean
+.PHONY: setup apt venv kernel vhost-device-vsock lint test test-fast vm-test demo bench fuzz clean
 
 setup: apt venv
 
@@ -30,6 +35,15 @@ venv: $(VENV)/.installed
 kernel: setup
 	$(VENV)/bin/volar kernel fetch
 
+# Skipped when present (here or at $$KESTREL_VHOST_VSOCK). 0.3.0 needs its default
+# features to build; volar runs it with uds-path only, never forward-cid.
+vhost-device-vsock:
+	@if [ -n "$$KESTREL_VHOST_VSOCK" ] && [ -x "$$KESTREL_VHOST_VSOCK" ]; then exit 0; fi; \
+	if [ -x $(VHOST_VSOCK) ]; then exit 0; fi; \
+	command -v cargo >/dev/null || { echo "vhost-device-vsock: cargo not found (install Rust: https://rustup.rs)"; exit 1; }; \
+	echo "vhost-device-vsock: cargo install $(VHOST_VSOCK_VERSION) into $(VHOST_VSOCK_ROOT)"; \
+	cargo install --locked --version $(VHOST_VSOCK_VERSION) --root $(VHOST_VSOCK_ROOT) vhost-device-vsock
+
 lint: venv
 	$(VENV)/bin/ruff check kestrel builder host tests vm-tests bench
 	$(VENV)/bin/mypy
@@ -37,16 +51,16 @@ lint: venv
 test-fast: setup
 	$(VENV)/bin/pytest -q tests
 
-vm-test: kernel
+vm-test: kernel vhost-device-vsock
 	$(VENV)/bin/pytest -q vm-tests
 
-test: setup kernel lint
+test: setup kernel vhost-device-vsock lint
 	$(VENV)/bin/pytest -q tests vm-tests
 
-demo: kernel
+demo: kernel vhost-device-vsock
 	$(PY) examples/caddy/demo.py
 
-bench: kernel
+bench: kernel vhost-device-vsock
 	$(PY) -m bench
 
 fuzz: setup

@@ -113,7 +113,7 @@ def _vm_show(store: Store, vm: Vm) -> dict[str, Any]:
         cmdline=vm.cmdline, vmm_command=vm.vmm_command, monitor_pid=vm.monitor_pid,
         vmm_pid=vm.vmm_pid, created_at=vm.created_at, running_at=vm.running_at,
         ended_at=vm.ended_at, fatal=vm.fatal, channel=vm.channel, guest_cid=vm.guest_cid,
-        vsock_socket=_vsock_socket(vm),
+        vsock_socket=_vsock_socket(vm), backend_pid=vm.backend_pid,
         exit=json.loads(vm.exit_json) if vm.exit_json else None,
         boot=_boot_timeline(store, vm), metrics=vm.metrics,
         events=[{k: e[k] for k in ("time", "kind", "value", "detail")}

@@ -186,10 +186,10 @@ class Monitor:
         await helper.process.wait()
         if self.exited.is_set() or self.stop_requested:
             return
-        with trio.move_on_after(HELPER_GRACE_S):
-            await self.exited.wait()  # the VMM went first, or at the same time: not the cause
-            return
         self.helper_failed = helper.failure()
+        with trio.move_on_after(HELPER_GRACE_S):
+            await self.exited.wait()  # ended together: _finish decides from the VMM's exit
+            return
         self.store.add_event(self.name, "helper", helper.name, self.helper_failed)
         await self._kill_vmm()
 
@@ -293,7 +293,8 @@ class Monitor:
     def _finish(self) -> None:
         link, code = self.link, self.exit_code
         (self.run_dir / CONTROL_SOCKET).unlink(missing_ok=True)
-        if self.helper_failed:
+        clean_poweroff = code == 0 and (link.poweroff or link.exit_seen)
+        if self.helper_failed and not self.stop_requested and not clean_poweroff:
             status, detail = "crashed", self.helper_failed
         elif link.fatal:
             status, detail = "failed", f"kestrel: {link.fatal}"
@@ -308,7 +309,8 @@ class Monitor:
         else:
             status = "crashed"
             detail = f"VMM exited with code {code} without a power-off report from kestrel"
-        if status in ("failed", "crashed") and self.running is not None and not self.helper_failed:
+        if status in ("failed", "crashed") and self.running is not None and (
+                detail != self.helper_failed):
             tail = console_tail(self.running.console_log, lines=8)
             if tail and not link.fatal:
                 detail += "; console tail:\n" + tail

@@ -181,20 +181,22 @@ def find_backend(env: Mapping[str, str] = os.environ, *,
     return None
 
 
-def require_backend(env: Mapping[str, str] = os.environ) -> Path:
-    backend = find_backend(env)
+def require_backend(env: Mapping[str, str] = os.environ, *,
+                    cache: Path = CACHE_BINARY) -> Path:
+    backend = find_backend(env, cache=cache)
     if backend is None:
         raise BackendMissing(f"{BACKEND_BINARY} not found ($KESTREL_VHOST_VSOCK, PATH, "
-                             f"{CACHE_BINARY}): {INSTALL_HINT}")
+                             f"{cache}): {INSTALL_HINT}")
     return backend
 
 
-def default_channel(env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+def default_channel(env: Mapping[str, str] = os.environ, *,
+                    cache: Path = CACHE_BINARY) -> tuple[str, str]:
     """("vsock", "") when the backend is there, else ("serial", why) - an error in CI."""
-    if find_backend(env) is not None:
+    if find_backend(env, cache=cache) is not None:
         return "vsock", ""
     if in_ci(env):
-        require_backend(env)  # raises: CI must run the production data path
+        require_backend(env, cache=cache)  # raises: CI must run the production data path
     return "serial", (f"{BACKEND_BINARY} not found, so this VM uses virtio-serial "
                       f"instead of vsock ({INSTALL_HINT})")
 

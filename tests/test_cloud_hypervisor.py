@@ -2,7 +2,7 @@
 
 No cloud-hypervisor binary here: the API is exercised against a real
 HTTP/1.1 server (h11) on a unix socket answering as CH's micro_http does,
-and the hybrid vsock handshake against a unix socket playing the VMM.
+and the hybrid vsock code is tested in test_host_vsock.py.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ from host.cloud_hypervisor import (
     create_tap,
     delete_tap,
     ensure_bridge,
-    hybrid_vsock_connect,
-    vsock_listen_path,
 )
-from host.vmm import LaunchSpec, Running, VmmError
+from host.vmm import LaunchSpec, VmmError
 from kestrel.layout import VSOCK_PORT
 
 
@@ -54,7 +52,7 @@ def test_command_line_matches_volant_order_with_vsock_socket(tmp_path: Path) -> 
         "--console", "off",
         "--net", "tap=vttap-caddy-demo,mac=02:aa:bb:cc:dd:ee",
         # Volant passed cid= alone, which CH rejects: socket= is required.
-        "--vsock", f"cid=3,socket={tmp_path}/caddy-demo.vsock",
+        "--vsock", f"cid=3,socket={tmp_path}/vsock.sock",
         "--initramfs", "/i/plugin.cpio.gz",
         "--cmdline", "console=ttyS0 volant.manifest=H4sI",
     ]
@@ -177,68 +175,6 @@ async def test_api_error_carries_status_and_body(tmp_path: Path) -> None:
 async def test_api_socket_missing_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(ChApiError, match=str(tmp_path / "absent.sock")):
         await CloudHypervisorApi(tmp_path / "absent.sock").ping()
-
-
-# --- hybrid vsock ------------------------------------------------------------
-
-
-async def test_connect_handshake_retries_and_keeps_bytes_after_ok(tmp_path: Path) -> None:
-    path = tmp_path / "vm.vsock"
-    seen: list[bytes] = []
-
-    async def vmm(stream: trio.SocketStream) -> None:
-        line = b""
-        while not line.endswith(b"\n"):
-            line += await stream.receive_some(1)
-        seen.append(line)
-        if len(seen) < 3:
-            await stream.aclose()  # nothing listens in the guest yet: closed, no OK
-            return
-        # OK and the guest's first bytes can arrive in one read.
-        await stream.send_all(b"OK 1073741824\nhello from kestrel")
-        assert await stream.receive_some(100) == b"ping"
-        await stream.send_all(b"pong")
-
-    async with trio.open_nursery() as nursery:
-        await _serve_unix(path, vmm, nursery)
-        stream, rest = await hybrid_vsock_connect(path, VSOCK_PORT, deadline_s=10)
-        assert rest == b"hello from kestrel"
-        await stream.send_all(b"ping")
-        assert await stream.receive_some(100) == b"pong"
-        await stream.aclose()
-        nursery.cancel_scope.cancel()
-    assert seen == [f"CONNECT {VSOCK_PORT}\n".encode()] * 3
-
-
-async def test_connect_without_ok_gives_up_at_the_deadline(tmp_path: Path) -> None:
-    path = tmp_path / "vm.vsock"
-
-    async def silent(stream: trio.SocketStream) -> None:
-        await trio.sleep_forever()  # never answers: the ~1 s OK deadline applies
-
-    async with trio.open_nursery() as nursery:
-        await _serve_unix(path, silent, nursery)
-        with pytest.raises(VmmError, match="no OK within"):
-            await hybrid_vsock_connect(path, VSOCK_PORT, deadline_s=2.5)
-        nursery.cancel_scope.cancel()
-
-
-async def test_guest_initiated_connection_is_accepted_on_socket_port(tmp_path: Path) -> None:
-    """CH connects to <vsock>_<port> when kestrel dials (CID 2, port): we listen first."""
-    driver = CloudHypervisorDriver()
-    spec = _spec(tmp_path)
-    await driver._listen(spec)
-    listen = vsock_listen_path(tmp_path / "caddy-demo.vsock", VSOCK_PORT)
-    assert listen.exists() and (listen.stat().st_mode & 0o777) == 0o600
-    # What CH does on the guest's behalf, before the monitor asks for a stream.
-    vmm_side = await trio.open_unix_socket(str(listen))
-    await vmm_side.send_all(b"frames")
-    running = Running(process=None, console_log=tmp_path / "console.log")  # type: ignore[arg-type]
-    with trio.fail_after(5):
-        stream = await driver.open_agent_stream(spec, running)
-        assert await stream.receive_some(10) == b"frames"
-    await stream.aclose()
-    await vmm_side.aclose()
 
 
 # --- tap networking in a private network namespace ------------------------------
