@@ -3,17 +3,17 @@
 This module holds what the host-side figures share: a tiny static C workload
 (compiled at bench time), kestrel run as PID 1 of fresh PID/mount/UTS/net
 namespaces with its command line bind-mounted over /proc/cmdline (CAP_SYS_MODULE
-dropped), and a receiver that serves kestrel's unix socket with HostSession.
+dropped), and a receiver that serves kestrel's unix socket with volar's session loop.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,8 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trio
+
+from host.session import SessionLoop
+from host.vsock import private_listener
 from kestrel.cmdline import encode_manifest
-from kestrel.protocol import Dropped, Exit, HostSession, Log
+from kestrel.protocol import Dropped, Exit, Log, Message
 
 REPO = Path(__file__).resolve().parent.parent
 # Outside /tmp and /run: kestrel mounts tmpfs over those inside its namespace.
@@ -174,69 +178,69 @@ class Received:
 
 
 class Receiver(threading.Thread):
-    """Serves kestrel's unix socket: attach, count, ack; one connection at a time.
+    """volar's own session loop (host.session) on kestrel's unix socket, counting.
 
-    A thread, not trio: the bench drives a subprocess and samples /proc while
-    this drains the socket as fast as it can.
+    Its own thread with its own trio run: the bench drives a subprocess and
+    samples /proc with blocking calls while this drains the socket.
     """
 
     def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
         self.path = path
-        self.session = HostSession()
         self.got = Received()
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(4)
-        self._closing = False
+        self.loop = SessionLoop(self, say=lambda line: None)
+        self._expect = 1
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def record(self, messages: list[Message]) -> None:
+        """The loop's sink: count, check sequence numbers (acked after this returns)."""
+        got, session, now = self.got, self.loop.session, time.monotonic()
+        for msg in messages:
+            if isinstance(msg, Log):
+                if not got.log_records:
+                    got.t_first_log = now
+                got.t_last_log = now
+                got.log_bytes += len(msg.data)
+                got.log_records += 1
+            if isinstance(msg, Dropped):
+                got.seq_gaps += msg.first_seq != self._expect
+                self._expect = msg.last_seq + 1
+            elif msg.SEQUENCED:
+                got.seq_gaps += msg.seq != self._expect  # type: ignore[attr-defined]
+                self._expect = msg.seq + 1  # type: ignore[attr-defined]
+            if isinstance(msg, Exit):
+                got.exit = msg
+        got.lost, got.duplicates, got.dropped = session.lost, session.duplicates, session.dropped
+        got.connections = self.loop.connections
+
+    def start(self) -> None:
+        super().start()
+        self._ready.wait(10)  # the socket exists before kestrel starts
+        if self._error is not None:
+            raise self._error
 
     def run(self) -> None:
-        while not self._closing:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.got.connections += 1
-            with conn:
-                try:
-                    self._serve(conn)
-                except OSError:
-                    pass
+        trio.run(self._main)
 
-    def _serve(self, conn: socket.socket) -> None:
-        session, got = self.session, self.got
-        conn.sendall(session.attach())
-        expect = session.last_seq + 1
-        while data := conn.recv(1 << 20):
-            now = time.monotonic()
-            for msg in session.receive(data):
-                if isinstance(msg, Log):
-                    if not got.log_records:
-                        got.t_first_log = now
-                    got.t_last_log = now
-                    got.log_bytes += len(msg.data)
-                    got.log_records += 1
-                if isinstance(msg, Dropped):
-                    got.seq_gaps += msg.first_seq != expect
-                    expect = msg.last_seq + 1
-                elif msg.SEQUENCED:
-                    got.seq_gaps += msg.seq != expect  # type: ignore[attr-defined]
-                    expect = msg.seq + 1  # type: ignore[attr-defined]
-                if isinstance(msg, Exit):
-                    got.exit = msg
-            got.lost, got.duplicates = session.lost, session.duplicates
-            got.dropped = getattr(session, "dropped", 0)
-            ack = session.ack()
-            if ack:
-                conn.sendall(ack)
+    async def _main(self) -> None:
+        try:
+            listener = await private_listener(self.path)
+        except OSError as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        with trio.CancelScope() as scope:
+            self._scope, self._token = scope, trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self.loop.serve_listener(listener)
 
     def close(self) -> None:
-        self._closing = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
+        if self._token is not None and self._scope is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
         self.join(timeout=5)
 
 

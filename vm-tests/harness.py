@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -334,3 +334,27 @@ def fledge_build(toml: Path, out: Path, *extra: str) -> Path:
     done = fledge("build", "-c", str(toml), "-o", str(out), *extra)
     assert done.returncode == 0, f"fledge build -c {toml} failed:\n{done.stderr}"
     return out
+
+
+# --- volar, as a user runs it ------------------------------------------------------
+
+def volar(state: Path, *args: str, timeout: float = 300,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``volar ARGS`` with a private state directory; never waits past ``timeout``."""
+    import os
+
+    cmd = [sys.executable, "-m", "host.cli", *args]
+    print("$ volar " + " ".join(args), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO,
+                          timeout=timeout, env={**os.environ, "VOLAR_STATE_DIR": str(state),
+                                                **(env or {})})
+    print(done.stdout + done.stderr, flush=True)
+    return done
+
+
+def volar_json(state: Path, *args: str) -> Any:
+    import json
+
+    done = volar(state, *args, "--json")
+    assert done.returncode == 0, f"volar {' '.join(args)}: {done.stderr}"
+    return json.loads(done.stdout)

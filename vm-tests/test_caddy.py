@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import REPO, boot, fledge_build
+from harness import REPO, boot, fledge_build, volar, volar_json
 
 from host.kernel import KernelInfo
 from host.qemu import QemuDriver
@@ -34,8 +34,17 @@ def test_quick_start_walkthrough_answers_hello(kernel: KernelInfo, run_dir: Path
         fetch_caddy(quiet=True)
     except FetchError as exc:
         pytest.skip(reason=f"no static caddy for the example: {exc}")
-    answer = demo(work=run_dir, timeout=300)
-    assert EXPECTED in answer
+    state = run_dir / "state"  # demo()'s VOLAR_STATE_DIR
+    try:
+        answer = demo(work=run_dir, timeout=300, keep=True)
+        assert EXPECTED in answer
+        info = volar_json(state, "vms", "show", "caddy-demo")
+        # The walkthrough runs production's data path: vsock, not virtio-serial.
+        assert info["channel"] == "vsock" and info["guest_cid"] >= 3
+        assert Path(info["vsock_socket"]).is_socket()
+    finally:
+        for verb in ("stop", "delete"):
+            volar(state, "vms", verb, "caddy-demo")
 
 
 async def test_debian_caddy_runs_with_host_libraries(kernel: KernelInfo, run_dir: Path) -> None:

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from harness import Vm, boot
 
@@ -44,8 +45,9 @@ def exec_workload(script: str) -> dict[str, Any]:
     return {"type": "exec", "entrypoint": ["/bin/sh", "-c", script]}
 
 
-def cmdline(manifest_json: bytes) -> str:
-    return build_cmdline(manifest_json=manifest_json, channel=QemuDriver().agent_channel())
+def cmdline(manifest_json: bytes, *, channel: str = "vsock") -> str:
+    return build_cmdline(manifest_json=manifest_json,
+                         channel=QemuDriver(channel=channel).agent_channel())
 
 
 def stdout_of(vm: Vm) -> bytes:
@@ -86,13 +88,16 @@ async def test_hello_carries_the_boot_timeline_and_the_workload_turns_healthy(
     assert_clean_console(vm)
 
 
+# vsock is every VM's channel; virtio-serial (--channel serial) keeps this one test.
+@pytest.mark.parametrize("channel", ["vsock", "serial"])
 async def test_batch_workload_streams_logs_in_order_then_reports_exit_and_powers_off(
-    kernel: KernelInfo, kestrel_image: Path, run_dir: Path
+    kernel: KernelInfo, kestrel_image: Path, run_dir: Path, channel: str
 ) -> None:
     script = ('i=1; while [ $i -le 400 ]; do echo "line $i"; i=$((i+1)); done; '
               'echo oops >&2; exit 7')
     async with boot(kernel=kernel.vmlinux, initramfs=kestrel_image, run_dir=run_dir,
-                    cmdline=cmdline(manifest(exec_workload(script)))) as vm:
+                    cmdline=cmdline(manifest(exec_workload(script)), channel=channel),
+                    driver=QemuDriver(channel=channel)) as vm:
         assert await vm.wait_exit(timeout=BOOT_S) == 0  # the guest powered itself off
     expected = "".join(f"line {i}\n" for i in range(1, 401)).encode()
     assert stdout_of(vm) == expected
