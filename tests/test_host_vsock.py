@@ -323,3 +323,23 @@ async def test_records_reach_the_sink_before_the_ack() -> None:
                     break
         await peer.aclose()
     assert order == ["stored Hello", "stored Log", "acked 1"]
+
+
+# --- guest CIDs ---------------------------------------------------------------------------------
+
+def test_each_vm_gets_its_own_guest_cid_and_a_deleted_vms_cid_is_reused(tmp_path: Path) -> None:
+    from host.state import Store
+
+    store = Store(tmp_path / "state")
+
+    def add(name: str) -> int:
+        store.db.execute(
+            "INSERT INTO vms (name, plugin, vmm, status, cpus, memory_mb, kernel, initramfs,"
+            " run_dir, created_at) VALUES (?, 'p', 'qemu', 'pending', 1, 64, 'k', 'i', 'r', 0)",
+            (name,))
+        return store.allocate_cid(name)
+
+    assert [add("a"), add("b"), add("c")] == [3, 4, 5]
+    store.delete_vm("b")
+    assert add("d") == 4
+    assert store.vm("c", refresh=False).guest_cid == 5
