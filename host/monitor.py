@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import trio
 
@@ -76,9 +75,7 @@ def console_tail(path: Path | str, *, lines: int = CONSOLE_TAIL_LINES) -> str:
 
 def guest_port(manifest_json: str) -> int | None:
     m = load_manifest(manifest_json)
-    if m.workload is None or not m.workload.base_url:
-        return None
-    return urlparse(m.workload.base_url).port or 80
+    return m.workload.url.port if m.workload is not None and m.workload.url else None
 
 
 class Monitor:

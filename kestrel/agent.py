@@ -267,8 +267,8 @@ class Agent:
                 pumps.start_soon(self._pump, child.stderr_fd, "stderr")
                 async with trio.open_nursery() as watchers:
                     check = self.manifest.health_check if self.manifest else None
-                    if workload.base_url and check and workload.type != "exec":
-                        watchers.start_soon(health.watch, workload.base_url, check,
+                    if workload.url and check and workload.type != "exec":
+                        watchers.start_soon(health.watch, workload.url, check,
                                             self._on_health)
                     status = await self.reaper.wait(child.pid)
                     watchers.cancel_scope.cancel()

@@ -16,26 +16,16 @@ from collections.abc import Awaitable, Callable
 import h11
 import trio
 
-from kestrel.manifest import HealthCheck
+from kestrel.manifest import BaseUrl, HealthCheck
 
 STARTUP_POLL_S = 0.1
 
 
-def split_base_url(base_url: str) -> tuple[str, int, str]:
-    """http://host[:port][/prefix] -> (host, port, prefix)."""
-    rest = base_url.removeprefix("http://")
-    hostport, _, prefix = rest.partition("/")
-    host, _, port = hostport.rpartition(":")
-    if not host:
-        host, port = hostport, "80"
-    return host.strip("[]"), int(port), ("/" + prefix).rstrip("/")
-
-
-async def probe(host: str, port: int, target: str, *, timeout_s: float) -> tuple[bool, str]:
+async def probe(url: BaseUrl, target: str, *, timeout_s: float) -> tuple[bool, str]:
     """One GET; (ok, detail) where ok means a 2xx status arrived in time."""
     with trio.move_on_after(timeout_s) as scope:
         try:
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await trio.open_tcp_stream(url.host, url.port)
         except OSError as exc:
             return False, f"connect: {exc.strerror or exc}"
         async with stream:
@@ -43,7 +33,7 @@ async def probe(host: str, port: int, target: str, *, timeout_s: float) -> tuple
             request = h11.Request(
                 method="GET",
                 target=target,
-                headers=[("Host", f"{host}:{port}"), ("User-Agent", "kestrel"),
+                headers=[("Host", url.authority), ("User-Agent", "kestrel"),
                          ("Connection", "close")],
             )
             try:
@@ -65,19 +55,18 @@ async def probe(host: str, port: int, target: str, *, timeout_s: float) -> tuple
 
 
 async def watch(
-    base_url: str,
+    url: BaseUrl,
     check: HealthCheck,
     report: Callable[[str, str], Awaitable[None]],
 ) -> None:
     """Poll until cancelled; ``report(status, detail)`` on each state change."""
-    host, port, prefix = split_base_url(base_url)
-    target = prefix + check.endpoint
+    target = url.target(check.endpoint)
     request_timeout = min(check.timeout_ms, 1000 + check.interval_ms) / 1000
     started = trio.current_time()
     status = "starting"
     failures = 0
     while True:
-        ok, detail = await probe(host, port, target, timeout_s=request_timeout)
+        ok, detail = await probe(url, target, timeout_s=request_timeout)
         if ok:
             failures = 0
             if status != "healthy":

@@ -83,11 +83,37 @@ class RestartPolicy(Record):
         return min(self.max_backoff_ms, delay)
 
 
+class BaseUrl(Record):
+    """``workload.base_url`` parsed once, at validation: what the health
+    checker connects to and what the host forwards (``port``)."""
+
+    __slots__ = ("host", "port", "prefix", "query")
+    host: str  # a DNS name or IP literal, IPv6 without brackets
+    port: int
+    prefix: str  # "" or "/path" without a trailing slash
+    query: str  # "" or "?a=b": kept on every probe's request target
+
+    def __init__(self, host: str, port: int = 80, prefix: str = "", query: str = "") -> None:
+        self.host, self.port, self.prefix, self.query = host, port, prefix, query
+
+    @property
+    def authority(self) -> str:
+        """host:port as an HTTP Host header writes it (IPv6 in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def target(self, endpoint: str) -> str:
+        """The request target of a probe of ``endpoint`` under this base."""
+        return self.prefix + endpoint + self.query
+
+
 class Workload(Record):
-    __slots__ = ("type", "entrypoint", "base_url", "workdir", "env", "restart", "stop_grace_ms")
+    __slots__ = ("type", "entrypoint", "base_url", "url", "workdir", "env", "restart",
+                 "stop_grace_ms")
     type: str
     entrypoint: tuple[str, ...]
-    base_url: str | None
+    base_url: str | None  # as written (without a trailing slash)
+    url: BaseUrl | None  # the same, parsed: nothing downstream re-parses the string
     workdir: str
     env: dict[str, str]
     restart: RestartPolicy
@@ -99,6 +125,7 @@ class Workload(Record):
         type: str,
         entrypoint: tuple[str, ...],
         base_url: str | None = None,
+        url: BaseUrl | None = None,
         workdir: str = "/",
         env: dict[str, str] | None = None,
         restart: RestartPolicy | None = None,
@@ -106,6 +133,9 @@ class Workload(Record):
     ) -> None:
         self.type, self.entrypoint = type, entrypoint
         self.base_url, self.workdir = base_url, workdir
+        if url is None and base_url is not None:
+            url = parse_base_url(base_url)
+        self.url = url
         self.env = env or {}
         self.restart = restart or RestartPolicy()
         self.stop_grace_ms = stop_grace_ms
@@ -192,13 +222,74 @@ def _str(d: dict[str, Any], key: str, path: str, *, required: bool = False) -> s
     return v.strip() if required else v
 
 
+# JSON's exact-integer limit: a bigger count of milliseconds overflows the
+# float seconds a timer is given (OverflowError in PID 1), and means nothing.
+INT_MAX = 2**53
+
+
 def _int(d: dict[str, Any], key: str, path: str, default: int, *, minimum: int = 1) -> int:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int):
         raise ManifestError(f"{path}{key}", f"must be an integer, not {type(v).__name__}")
     if v < minimum:
         raise ManifestError(f"{path}{key}", f"must be >= {minimum}, got {v}")
+    if v > INT_MAX:
+        raise ManifestError(f"{path}{key}", f"must be <= {INT_MAX}, got {v}")
     return v
+
+
+# What an HTTP request target may hold (RFC 9112 request-target, as h11
+# checks it: visible ASCII). Anything else must arrive percent-encoded.
+_TARGET_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+
+
+def parse_base_url(text: str, *, field: str = "workload.base_url") -> BaseUrl:
+    """``http://host[:port][/prefix][?query]`` -> BaseUrl, or a ManifestError.
+
+    Hand-written, not urllib.parse: this runs on kestrel's boot path, where
+    ``re`` is not imported. Hosts are ASCII names or IP literals (IPv6 in
+    brackets); a name the guest cannot resolve is a failed probe, not an error.
+    """
+    def bad(why: str) -> ManifestError:
+        return ManifestError(field, f"{text!r}: {why}")
+
+    if not text.startswith("http://"):
+        raise bad("only http:// is supported")
+    rest = text[len("http://"):].partition("#")[0]  # a fragment never goes on the wire
+    rest, qmark, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    prefix = ("/" + path).rstrip("/") if slash else ""
+    query = qmark + query if query else ""
+    if any(c not in _TARGET_CHARS for c in prefix + query):
+        raise bad("path and query must be visible ASCII (percent-encode the rest)")
+    if "@" in authority:
+        raise bad("credentials in the URL are not supported")
+    if authority.startswith("["):
+        host, bracket, port_text = authority[1:].partition("]")
+        if not bracket or not host or any(c not in _IPV6_CHARS for c in host) \
+                or host.count(":") < 2:
+            raise bad("an IPv6 host is [hex:digits:and:colons]")
+        if port_text and not port_text.startswith(":"):
+            raise bad("expected ':port' after the IPv6 address")
+        port_text = port_text[1:]
+    else:
+        host, _, port_text = authority.partition(":")
+        if not host:
+            raise bad("no host")
+        if ":" in port_text:
+            raise bad("an IPv6 host must be in brackets: http://[::1]:8080")
+        if len(host) > 253 or any(c not in _HOST_CHARS for c in host) \
+                or any(not label or len(label) > 63 for label in host.removesuffix(".").split(".")):
+            raise bad("the host must be an ASCII name or IP address")
+    port = 80
+    if port_text:
+        if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+                and 0 < int(port_text) < 65536):
+            raise bad(f"port {port_text!r} is not a number from 1 to 65535")
+        port = int(port_text)
+    return BaseUrl(host, port, prefix, query)
 
 
 def normalize_checksum(checksum: str, *, field: str = "checksum") -> str:
@@ -263,8 +354,7 @@ def _workload(value: Any) -> Workload:
     base_url = _str(d, "base_url", "workload.")
     if wtype == "http" and not base_url:
         raise ManifestError("workload.base_url", "is required for an http workload")
-    if base_url and not base_url.startswith("http://"):
-        raise ManifestError("workload.base_url", f"{base_url!r}: only http:// is supported")
+    url = parse_base_url(base_url) if base_url else None
     workdir = _str(d, "workdir", "workload.") or "/"
     if not workdir.startswith("/"):
         raise ManifestError("workload.workdir", f"{workdir!r} must be an absolute path")
@@ -280,6 +370,7 @@ def _workload(value: Any) -> Workload:
         type=wtype,
         entrypoint=tuple(ep),
         base_url=base_url.rstrip("/") if base_url else None,
+        url=url,
         workdir=workdir,
         env=dict(env),
         restart=_restart(d.get("restart"), wtype),
@@ -292,8 +383,9 @@ def _health(value: Any) -> HealthCheck:
     endpoint = _str(d, "endpoint", "health_check.") or "/"
     if not endpoint.startswith("/"):
         raise ManifestError("health_check.endpoint", f"{endpoint!r} must start with '/'")
-    if any(c.isspace() or ord(c) < 32 for c in endpoint):
-        raise ManifestError("health_check.endpoint", "must not contain whitespace")
+    if any(c not in _TARGET_CHARS for c in endpoint):
+        raise ManifestError("health_check.endpoint",
+                            "must be visible ASCII, no whitespace (percent-encode the rest)")
     return HealthCheck(
         endpoint=endpoint,
         timeout_ms=_int(d, "timeout_ms", "health_check.", 10_000),

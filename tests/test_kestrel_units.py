@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kestrel import jsonlite
 from kestrel.boot import rootfs_device
-from kestrel.health import split_base_url
+from kestrel.manifest import BaseUrl, parse_base_url
 from kestrel.reaper import ExitStatus
 
 
@@ -51,10 +51,15 @@ def test_exit_status_has_raw_and_shell_forms(
     assert (e.code, e.signal, e.shell, e.describe()) == (code, sig, shell, text)
 
 
-def test_split_base_url() -> None:
-    assert split_base_url("http://127.0.0.1:80") == ("127.0.0.1", 80, "")
-    assert split_base_url("http://localhost") == ("localhost", 80, "")
-    assert split_base_url("http://[::1]:8080/api") == ("::1", 8080, "/api")
+def test_base_url_is_parsed_into_host_port_and_prefix() -> None:
+    assert parse_base_url("http://127.0.0.1:80") == BaseUrl("127.0.0.1", 80, "")
+    assert parse_base_url("http://localhost") == BaseUrl("localhost", 80, "")
+    assert parse_base_url("http://[::1]:8080/api") == BaseUrl("::1", 8080, "/api")
+    assert parse_base_url("http://[::1]") == BaseUrl("::1", 80, "")
+    assert parse_base_url("http://[::1]/") == BaseUrl("::1", 80, "")
+    assert parse_base_url("http://h:8080/a/b/?x=1&y#frag") == BaseUrl("h", 8080, "/a/b", "?x=1&y")
+    assert parse_base_url("http://[::1]").authority == "[::1]:80"
+    assert parse_base_url("http://h/api?v=2").target("/healthz") == "/api/healthz?v=2"
 
 
 json_values = st.recursive(
