@@ -23,6 +23,7 @@ from typing import Any
 
 import kestrel
 from builder.errors import ConfigError
+from kestrel.boot import BOOT_MOUNTED
 
 STRATEGIES = ("release", "local", "http")
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -286,11 +287,30 @@ def _mappings(r: _Reader, data: dict[str, Any], init: dict[str, Any]) -> tuple[M
             if dest.endswith("/") and norm != "/" and source.is_file():
                 # "app" = "/usr/bin/" means into that directory, as cp would do.
                 norm = f"{norm}/{source.name}"
+            _refuse_boot_mounted(r, where, source, norm)
             if norm in seen:
                 raise r.fail(where, f"{norm} is already the destination of {seen[norm]!r}")
             seen[norm] = src
             result.append(Mapping(source=source, dest=norm, key=src))
     return tuple(result)
+
+
+def _refuse_boot_mounted(r: _Reader, where: str, source: Path, dest: str) -> None:
+    """A file under a place the shim or kestrel mounts over at boot would be
+    hidden in the running VM: refuse it at build time, naming the mapping."""
+    for top in BOOT_MOUNTED:
+        if dest == top or dest.startswith(top + "/"):
+            raise r.fail(where, f"{dest} is under {top}, which is mounted over at boot "
+                                "(its files would be hidden); map it elsewhere")
+        below = PurePosixPath(top).relative_to(dest) if _is_under(top, dest) else None
+        if below is not None and source.is_dir() and (source / below).is_dir() \
+                and any((source / below).iterdir()):
+            raise r.fail(where, f"{source / below} would land in {top}, which is mounted "
+                                "over at boot (its files would be hidden); leave it empty")
+
+
+def _is_under(path: str, parent: str) -> bool:
+    return parent == "/" or path.startswith(parent + "/")
 
 
 def _dir_provides_init(mappings: tuple[Mapping, ...]) -> bool:

@@ -31,6 +31,10 @@ MOUNTS = (
     ("/tmp", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0o1777),
 )
 
+# The tops of that table: anything an image puts beneath them is hidden at
+# boot (fledge refuses such mappings).
+BOOT_MOUNTED = tuple(t for t, *_ in MOUNTS if not any(t.startswith(o + "/") for o, *_ in MOUNTS))
+
 
 def mounted() -> dict[str, str]:
     """Mount point -> filesystem type, from /proc/self/mountinfo (last one wins)."""
@@ -59,8 +63,15 @@ def ensure_mounts() -> list[str]:
         from kestrel import sysapi
 
         os.makedirs(target, mode=mode, exist_ok=True)
+        # /run and /tmp start empty on every boot, as under systemd: files an
+        # image ships there (stale pid files, sockets) are hidden, not reused.
+        # fledge refuses such mappings; a rootfs may still have some: say so.
+        try:
+            hidden = len(os.listdir(target)) if fstype == "tmpfs" else 0
+        except OSError:
+            hidden = 0
         sysapi.mount(source, target, fstype, flags, data)
-        done.append(target)
+        done.append(f"{target} (over {hidden} entries of the image's)" if hidden else target)
         if target == "/proc":
             have = mounted()
     return done

@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Outside /tmp and /run: kestrel mounts tmpfs over those inside its namespace.
 SCRATCH = Path(os.environ.get("KESTREL_TEST_SCRATCH", "/var/tmp"))
 POWEROFF_STATUS = -signal.SIGINT  # Popen-style returncode of the namespace init
+# The interpreter for workloads and helpers: the real file, never a venv's
+# symlink, which kestrel's tmpfs hides when the checkout lives under /tmp.
+PYTHON = os.path.realpath(sys.executable)
 
 
 def manifest(entrypoint: list[str], *, type: str = "exec", **workload: Any) -> dict[str, Any]:
@@ -124,22 +127,12 @@ async def run_kestrel(
     if "kestrel.channel=" not in cmdline or "kestrel.channel=vsock" in cmdline:
         raise AssertionError("tests must give kestrel.channel=unix:... or serial:...")
     (tmp / "cmdline").write_text(cmdline.strip() + "\n")
-    python, flags = sys.executable, "-I"
-    boot = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-        "from kestrel.main import main; main()"
-    )
-    if os.environ.get("KESTREL_TEST_FROZEN"):
-        # The bundle's interpreter sees only its own zip (its ._pth), so this
-        # is the kestrel an image runs, stubs and all (builder/freeze.py).
-        python, flags = str(frozen_python()), "-IOO"
-        boot = "from kestrel.main import main; main()"
     argv = [
         "setpriv", "--bounding-set", "-sys_module",
         "unshare", "-pfmun", "--mount-proc", "--kill-child",
         "sh", "-c",
-        'mount --bind "$0" /proc/cmdline && exec "$1" "$3" -c "$2"',
-        str(tmp / "cmdline"), python, boot, flags,
+        'mount --bind "$0" /proc/cmdline && exec "$@"',
+        str(tmp / "cmdline"), *frozen_kestrel(),
     ]
     k = Kestrel(run)
     try:
@@ -177,14 +170,26 @@ _frozen: Path | None = None
 
 
 def frozen_python() -> Path:
-    """The frozen kestrel's interpreter (built once, cached like fledge's)."""
+    """The frozen kestrel's interpreter: every PID 1 test runs the kestrel an
+    image carries (builder/freeze.py: -OO bytecode, stubs and source edits).
+    Cached under SCRATCH, not in the checkout: kestrel's own tmpfs over /tmp
+    would hide a checkout there, and zipimport reopens its zip for each module."""
     global _frozen
     if _frozen is None:
+        import hashlib
+
         from builder.freeze import PREFIX, PY_TAG, freeze_kestrel
 
-        agent = freeze_kestrel(cache_dir=REPO / ".cache" / "test-freeze")
+        # One cache per checkout: two checkouts never write the same tree at once.
+        tag = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
+        agent = freeze_kestrel(cache_dir=SCRATCH / f"kestrel-test-freeze-{tag}")
         _frozen = agent.root / str(PREFIX).lstrip("/") / "bin" / PY_TAG
     return _frozen
+
+
+def frozen_kestrel() -> list[str]:
+    """argv that starts the frozen kestrel, as /bin/kestrel does in an image."""
+    return [str(frozen_python()), "-IOO", "-c", "from kestrel.main import main; main()"]
 
 
 def _child_of(pid: int) -> int:

@@ -77,6 +77,16 @@ CASES = [
      "default init mode", 2),
     ("duplicate destination", OK + '[mappings]\n"app" = "/usr/bin/x"\n"agent" = "/usr/bin/x"\n',
      'mappings."agent"', "already", 2),
+    ("mapping into /tmp", OK + '[mappings]\n"app" = "/tmp/app"\n', 'mappings."app"',
+     "/tmp/app is under /tmp, which is mounted over at boot", 2),
+    ("mapping onto /run", OK + '[mappings]\n"app" = "/run"\n', 'mappings."app"',
+     "/run is under /run, which is mounted over at boot", 2),
+    ("mapping into /proc", OK + '[mappings]\n"app" = "/proc/"\n', 'mappings."app"',
+     "under /proc", 2),
+    ("mapping into /dev", OK + '[mappings]\n"app" = "/dev/app"\n', 'mappings."app"',
+     "under /dev", 2),
+    ("directory with files for /tmp", OK + '[mappings]\n"rootdir" = "/"\n', 'mappings."rootdir"',
+     "rootdir/tmp would land in /tmp, which is mounted over at boot", 2),
     ("bad compression", OK + '[output]\ncompression = "xz"\n', "output.compression", "gzip", 2),
     ("invalid toml", 'version = "1\n', "", "invalid TOML", 2),
 ]
@@ -85,7 +95,8 @@ CASES = [
 def _project(tmp_path: Path, toml: str) -> Path:
     bb = need_busybox()
     toml = toml.replace("PORT", str(_free_port()))
-    return write_project(tmp_path, toml, {"agent": bb, "app": bb})
+    return write_project(tmp_path, toml, {"agent": bb, "app": bb,
+                                          "rootdir/tmp/leftover": b"x", "rootdir/etc/ok": b"x"})
 
 
 def _error(cfg: Path, cache: Path) -> FledgeError:

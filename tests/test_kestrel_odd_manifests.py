@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import tempfile
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,11 +20,11 @@ import pytest
 from kestrel.cmdline import COMMAND_LINE_SIZE, encode_manifest
 from kestrel.manifest import parse_manifest
 from kestrel.protocol import Stop
-from tests.pid1 import Kestrel, Run, manifest, run_kestrel
+from tests.pid1 import PYTHON, Kestrel, Run, manifest, run_kestrel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
 
-PY = sys.executable
+PY = PYTHON
 
 
 def no_internal_error(run: Run) -> None:
@@ -131,3 +132,17 @@ async def test_the_largest_manifest_that_fits_the_command_line_runs() -> None:
     run = await run_kestrel(doc)
     no_internal_error(run)
     assert run.logs("stdout") == f"{len(filler)}\n".encode()
+
+
+async def test_files_the_image_has_in_tmp_are_hidden_and_the_boot_log_says_so() -> None:
+    # The namespace shares this machine's /tmp, as a rootfs image with files
+    # there would: kestrel mounts a fresh tmpfs over it and names what it hid.
+    marker = Path(tempfile.mkdtemp(prefix="kestrel-image-file-", dir="/tmp"))
+    try:
+        script = f"test -e {marker}; echo $?; ls -A /tmp"
+        run = await run_kestrel(manifest(["/bin/sh", "-c", script]))
+    finally:
+        marker.rmdir()
+    no_internal_error(run)
+    assert run.logs("stdout") == b"1\n"  # not there, and /tmp is empty
+    assert "/tmp (over " in run.console and "entries of the image's)" in run.console

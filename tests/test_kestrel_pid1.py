@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,11 +18,11 @@ import pytest
 import trio
 
 from kestrel.protocol import Exit, Log, Signal, State, Stop, Timeline
-from tests.pid1 import REPO, Kestrel, manifest, run_kestrel
+from tests.pid1 import PYTHON, Kestrel, frozen_kestrel, manifest, run_kestrel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
 
-PY = sys.executable
+PY = PYTHON
 
 
 def always(n: int, **extra: object) -> dict[str, object]:
@@ -319,11 +318,7 @@ async def test_host_signal_command_reaches_the_group() -> None:
 
 
 def test_refuses_to_run_when_not_pid1() -> None:
-    proc = subprocess.run(
-        [PY, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-                         "from kestrel.main import main; main()"],
-        capture_output=True, text=True, timeout=30,
-    )
+    proc = subprocess.run(frozen_kestrel(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "not PID 1" in proc.stderr
 
