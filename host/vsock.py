@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,19 +52,24 @@ def listen_path(uds: Path, port: int) -> Path:
 
 
 async def private_listener(path: Path, *, backlog: int = 4) -> trio.SocketListener:
-    """A unix listener created 0600 (under a umask: no window before a chmod)."""
+    """A unix listener created 0600 (under a umask: no window before a chmod).
+
+    The bind is the stdlib's, synchronous: trio's ``await sock.bind`` runs in
+    a worker thread, and other tasks would create their files under the
+    borrowed umask meanwhile."""
     path.unlink(missing_ok=True)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    old = os.umask(0o177)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(str(path))
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
-    finally:
-        os.umask(old)
-    sock.listen(backlog)
-    return trio.SocketListener(sock)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 class AgentListener:
