@@ -19,6 +19,7 @@ from builder.config import Config, load_config
 from builder.errors import BuildError, ConfigError
 from builder.tree import BASE_DIRS, ImageTree, TreeError
 from kestrel import layout
+from kestrel.digest import sha256_file
 
 # Volant's list, switch_root, and the tools people reach for on a console.
 APPLETS = (
@@ -309,7 +310,7 @@ def write_image(tree: ImageTree, output: Path, *, compression: str, mtime: int,
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)
-        digest = sources.sha256_file(tmp)
+        digest = sha256_file(tmp)
         size = tmp.stat().st_size
         os.replace(tmp, output)
     except compress.CompressionError as e:

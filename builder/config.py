@@ -15,7 +15,6 @@ a file into that directory.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,10 +23,10 @@ from typing import Any
 import kestrel
 from builder.errors import ConfigError
 from kestrel.boot import BOOT_MOUNTED
+from kestrel.digest import SHA256_RULE, parse_sha256
 
 STRATEGIES = ("release", "local", "http")
 COMPRESSIONS = ("gzip", "zstd", "none")
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 TOP_KEYS = {"version", "strategy", "agent", "init", "source", "mappings", "kernel",
             "libraries", "output"}
@@ -155,12 +154,10 @@ def _kind(value: object) -> str:
 
 
 def normalize_sha256(value: str, *, where: str, r: _Reader) -> str:
-    hexpart = value.strip()
-    if hexpart.lower().startswith("sha256:"):
-        hexpart = hexpart[7:]
-    if not _HEX64.fullmatch(hexpart):
-        raise r.fail(where, f"{value!r} is not a sha256 (64 hex digits, optional 'sha256:')")
-    return hexpart.lower()
+    hexpart = parse_sha256(value)
+    if hexpart is None:
+        raise r.fail(where, f"{value!r} is not a sha256 ({SHA256_RULE})")
+    return hexpart
 
 
 def image_dest(text: str, *, where: str, r: _Reader) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 import kestrel
 from builder import elf, freeze_edits
 from builder.freeze_edits import STUBBED, EditError, edited
+from kestrel.digest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +164,6 @@ def imported_names(sources: Iterable[Source]) -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module)
     return {n for n in names if n.split(".")[0] not in ("kestrel", "__future__")}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _edited(src: Source, work: Path) -> Source:
@@ -333,13 +326,13 @@ def _cache_key(python: Path, kestrel_files: list[Source],
         for p in parts:
             h.update(p.encode() + b"\0")
 
-    feed(FORMAT, _sha256(Path(__file__)), _sha256(Path(freeze_edits.__file__)), _sha256(python))
+    feed(FORMAT, sha256_file(Path(__file__)), sha256_file(Path(freeze_edits.__file__)), sha256_file(python))
     for name in ("freeze_probe.py", "ssl_stub.py", *sorted(set(STUBBED.values()))):
-        feed(name, _sha256(_data(name)))
+        feed(name, sha256_file(_data(name)))
     for src in kestrel_files:
-        feed(src.rel, _sha256(src.path))
+        feed(src.rel, sha256_file(src.path))
     for dist, (version, files) in sorted(deps.items()):
-        feed(dist, version, *(f"{s.rel}={_sha256(s.path)}" for s in files))
+        feed(dist, version, *(f"{s.rel}={sha256_file(s.path)}" for s in files))
     return h.hexdigest()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BuildError, ConfigError
-from builder.sources import sha256_file
+from kestrel.digest import sha256_file
 
 
 def _indent_of(text: str) -> int | str:

@@ -7,7 +7,6 @@ has the file locally, builds offline.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.error
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from builder.elf import read_elf
 from builder.errors import BuildError
+from kestrel.digest import copy_hashing, sha256_file
 
 DOWNLOAD_TIMEOUT = 30.0  # seconds without progress before a download is abandoned
 HOST_BUSYBOX = Path("/bin/busybox")
@@ -28,14 +28,6 @@ def cache_dir() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "fledge"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch(
@@ -88,21 +80,17 @@ def _download(url: str, *, sha256: str | None, key: str, file: str, sha_key: str
     fd, tmp_name = tempfile.mkstemp(dir=store, prefix=".download-")
     tmp = Path(tmp_name)
     try:
-        h = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
                 url, timeout=DOWNLOAD_TIMEOUT
             ) as resp:
-                while chunk := resp.read(1 << 20):
-                    h.update(chunk)
-                    out.write(chunk)
+                digest = copy_hashing(resp, out)
         except urllib.error.HTTPError as e:
             msg = f"cannot download {url}: HTTP {e.code} {e.reason}"
             raise BuildError(key, file, msg) from None
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             reason = getattr(e, "reason", None) or e
             raise BuildError(key, file, f"cannot download {url}: {reason}") from None
-        digest = h.hexdigest()
         if sha256 is not None and digest != sha256.lower():
             raise BuildError(sha_key, file, f"{url}: checksum mismatch: expected sha256 {sha256}, "
                              f"got {digest}")

@@ -7,7 +7,6 @@ sharing an image share the file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -18,9 +17,9 @@ from typing import BinaryIO
 from urllib.parse import unquote, urljoin, urlparse
 
 from host.errors import FetchError
+from kestrel.digest import copy_hashing
 
 TIMEOUT_S = 60.0
-CHUNK = 1 << 20
 
 
 def is_url(ref: str) -> bool:
@@ -106,19 +105,16 @@ def download(ref: str, *, dest_dir: Path) -> tuple[Path, str]:
     """
     dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-")
-    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, open_source(ref) as src:
-            while chunk := src.read(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
+            digest = copy_hashing(src, out)
     except OSError as exc:
         os.unlink(tmp)
         raise FetchError(f"{ref}: {exc}") from None
     except BaseException:
         os.unlink(tmp)
         raise
-    return Path(tmp), digest.hexdigest()
+    return Path(tmp), digest
 
 
 def store_artifact(tmp: Path, sha256: str, *, dest_dir: Path, suffix: str) -> Path:

@@ -9,6 +9,7 @@ non-empty list of strings``. kestrel's own extensions live under
 
 from __future__ import annotations
 
+from kestrel.digest import SHA256_RULE, parse_sha256
 from kestrel.record import Record
 
 # `typing` costs ~5 ms to import; annotations are strings here anyway.
@@ -293,13 +294,10 @@ def parse_base_url(text: str, *, field: str = "workload.base_url") -> BaseUrl:
 
 
 def normalize_checksum(checksum: str, *, field: str = "checksum") -> str:
-    """Return the lowercase hex of ``sha256:<hex>`` or bare hex (>= 32 chars)."""
-    value = checksum.strip()
-    if value.lower().startswith("sha256:"):
-        value = value[7:]
-    value = value.lower()
-    if len(value) < 32 or any(c not in "0123456789abcdef" for c in value):
-        raise ManifestError(field, f"{checksum!r} is not sha256:<hex> or hex")
+    """Return the lowercase hex of ``sha256:<hex>`` or bare hex (kestrel.digest's rule)."""
+    value = parse_sha256(checksum)
+    if value is None:
+        raise ManifestError(field, f"{checksum!r} is not a sha256 ({SHA256_RULE})")
     return value
 
 

@@ -24,9 +24,9 @@ from builder.freeze import (
     FrozenAgent,
     Source,
     _cache_key,
-    _sha256,
     freeze_kestrel,
 )
+from kestrel.digest import sha256_file
 
 BUSYBOX = Path("/bin/busybox")
 PYTHON = f"{PREFIX}/bin/{PY_TAG}"
@@ -52,7 +52,7 @@ def tree_digest(root: Path) -> str:
         if path.is_symlink():
             h.update(os.readlink(path).encode())
         elif path.is_file():
-            h.update(_sha256(path).encode())
+            h.update(sha256_file(path).encode())
     return h.hexdigest()
 
 

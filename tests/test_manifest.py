@@ -177,11 +177,17 @@ def test_base_url_trailing_slash_is_dropped() -> None:
         (HEX, HEX),
         ("sha256:" + HEX.upper(), HEX),
         (" SHA256:" + HEX + " ", HEX),
-        ("a" * 32, "a" * 32),
     ],
 )
 def test_checksums_normalize_to_lowercase_hex(value: str, expected: str) -> None:
     assert normalize_checksum(value) == expected
+
+
+@pytest.mark.parametrize("value", ["a" * 32, "a" * 63, "a" * 65, "sha256:" + "a" * 40,
+                                   "sha512:" + "a" * 64, "sha256:sha256:" + "a" * 64, ""])
+def test_a_sha256_is_exactly_64_hex_digits(value: str) -> None:
+    with pytest.raises(ManifestError, match="64 hex digits"):
+        normalize_checksum(value, field="initramfs.checksum")
 
 
 def test_top_level_must_be_an_object() -> None:
