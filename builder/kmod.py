@@ -20,13 +20,12 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from builder.errors import BuildError
+from kestrel.layout import canonical_module
 
 SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
 
 
-def canonical(name: str) -> str:
-    # The kernel treats '-' and '_' in module names as the same character.
-    return name.replace("-", "_")
+canonical = canonical_module
 
 
 @dataclass(frozen=True)

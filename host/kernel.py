@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kestrel.layout import kernel_dir
+from kestrel.layout import canonical_module, kernel_dir
 
 # Modules the QEMU driver's devices need; a flavour without them is no use.
 REQUIRED_MODULES = (
@@ -210,11 +210,7 @@ def has_pvh_note(elf: bytes) -> bool:
 
 
 def _module_names(tree: Path) -> set[str]:
-    # Module names treat - and _ alike (virtio-rng.ko is module virtio_rng).
-    return {
-        p.name.split(".ko")[0].replace("-", "_")
-        for p in tree.rglob("*.ko*")
-    }
+    return {canonical_module(p.name.split(".ko")[0]) for p in tree.rglob("*.ko*")}
 
 
 def _complete(directory: Path) -> bool:

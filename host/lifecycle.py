@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -18,16 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from host.errors import AlreadyExists, BootFailed, MissingKernel, VolarError
+from host.names import NAME_RULE, valid_name
 from host.state import LIVE, TERMINAL, Store, Vm, proc_start_time, process_alive
 from kestrel.layout import kernel_dir
 
 if TYPE_CHECKING:
     import subprocess
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 VMMS = ("qemu", "cloud-hypervisor")
 UP = ("running", "healthy", "unhealthy")
-CONTROL_SOCKET = "control.sock"  # same name as host.monitor.CONTROL_SOCKET
+CONTROL_SOCKET = "control.sock"  # in the VM's run dir; host/monitor.py serves it
 POLL_S = 0.05
 
 
@@ -105,11 +104,8 @@ def create(
     from host import ipam
     from host.plugins import manifest_of
 
-    if not NAME_RE.match(name):
-        raise VolarError(
-            f"invalid VM name {name!r}: lowercase letters, digits, '-', '_', '.', "
-            "at most 63, starting with a letter or digit"
-        )
+    if not valid_name(name):
+        raise VolarError(f"invalid VM name {name!r}: {NAME_RULE}")
     row = store.plugin(plugin)
     if not row["enabled"]:
         raise VolarError(f"plugin {plugin!r} is disabled (`volar plugins enable {plugin}`)")

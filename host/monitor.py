@@ -23,15 +23,15 @@ from typing import Any
 import trio
 
 from host.agentlink import AgentLink
+from host.lifecycle import CONTROL_SOCKET
+from host.qemu import QEMU_USER_IP
 from host.state import Store, proc_start_time
 from host.vmm import Helper, LaunchSpec, Running, VmmDriver, VmmError
 from kestrel.cmdline import CmdlineError, build_cmdline
 from kestrel.manifest import load_manifest
 
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=1"
-QEMU_USER_IP = "10.0.2.15::10.0.2.2:255.255.255.0:{name}:eth0:off"
 BRIDGE_IP = "{ip}::192.168.127.1:255.255.255.0:{name}:eth0:off"
-CONTROL_SOCKET = "control.sock"
 # Time on top of the guest's own grace for kestrel to power off and the VMM
 # to exit (TCG guests are slow to sync and power down).
 STOP_MARGIN_S = 10.0

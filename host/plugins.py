@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from host import fetch
 from host.errors import AlreadyExists, ChecksumMismatch, VolarError
+from host.names import NAME_RULE, valid_name
 from host.state import Store
 from kestrel.manifest import Manifest, ManifestError, load_manifest, normalize_checksum
 
@@ -27,7 +27,6 @@ def _source_base(source: str) -> str:
     return str(Path(source).resolve())
 
 
-PLUGIN_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
 def install(store: Store, source: str, *, force: bool = False) -> dict[str, Any]:
@@ -35,10 +34,8 @@ def install(store: Store, source: str, *, force: bool = False) -> dict[str, Any]
     base = _source_base(source)
     text = fetch.read_text(fetch.local_path(base) if base.startswith("file://") else base)
     manifest = load_manifest(text)  # ManifestError names the field
-    if not PLUGIN_NAME_RE.match(manifest.name):
-        # The name goes into paths, SQL keys and the guest command line.
-        raise ManifestError("name", f"{manifest.name!r}: lowercase letters, digits, '-', "
-                            "'_', '.', at most 63, starting with a letter or digit")
+    if not valid_name(manifest.name):
+        raise ManifestError("name", f"{manifest.name!r}: {NAME_RULE}")
     exists = store.db.execute(
         "SELECT 1 FROM plugins WHERE name = ?", (manifest.name,)
     ).fetchone()

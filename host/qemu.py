@@ -39,9 +39,8 @@ from kestrel.layout import SERIAL_PORT_NAME, VSOCK_PORT
 MACHINES = ("microvm", "q35")
 CHANNELS = ("vsock", "serial")
 # user networking's fixed addresses (QEMU docs, "Using the user mode network stack").
-GUEST_IP = "10.0.2.15"
-GATEWAY_IP = "10.0.2.2"
-NETMASK = "255.255.255.0"
+# QEMU user networking's fixed guest address and gateway, as kestrel's ip=.
+QEMU_USER_IP = "10.0.2.15::10.0.2.2:255.255.255.0:{name}:eth0:off"
 
 
 def host_tsc_khz() -> int | None:
@@ -127,7 +126,7 @@ class QemuDriver:
             words.append(f"kestrel.channel={self.agent_channel()}")
         if "ip" not in given:
             host = _hostname(spec.name)
-            words.append(f"ip={GUEST_IP}::{GATEWAY_IP}:{NETMASK}:{host}:eth0:off")
+            words.append("ip=" + QEMU_USER_IP.format(name=host))
         if self.machine == "microvm" and self.tsc_khz and "tsc_early_khz" not in given:
             words.append(f"tsc_early_khz={self.tsc_khz}")
         if self.accel == "tcg" and "tsc" not in given:

@@ -18,17 +18,23 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 
-# (target, fstype, source, flags, data, mode): the mounts a workload expects.
-# Flags follow Volant's stage 2 and systemd's defaults.
+# (target, fstype, source, flags, data, mode, required): the mounts a
+# workload expects, the same table as shim/init.c's (tests/test_shim_table.py
+# holds them equal). Flags follow Volant's stage 2 and systemd's defaults.
+# A mode of 0: the directory lives on sysfs, never created. Not required: a
+# failure is only reported (a kernel without cgroup2 still runs workloads).
 MOUNTS = (
-    ("/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "", 0o555),
-    ("/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "", 0o555),
-    ("/dev", "devtmpfs", "devtmpfs", MS_NOSUID, "mode=0755", 0o755),
-    ("/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,gid=5,ptmxmode=0666",
-     0o755),
-    ("/dev/shm", "tmpfs", "shm", MS_NOSUID | MS_NODEV, "mode=1777", 0o1777),
-    ("/run", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", 0o755),
-    ("/tmp", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0o1777),
+    ("/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "", 0o555, True),
+    ("/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "", 0o555, True),
+    ("/dev", "devtmpfs", "devtmpfs", MS_NOSUID, "mode=0755", 0o755, True),
+    # newinstance: a private pty namespace; gid 5 is "tty" in Debian and
+    # busybox images; ptmxmode lets non-root workloads open /dev/pts/ptmx.
+    ("/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC,
+     "mode=0620,gid=5,ptmxmode=0666,newinstance", 0o755, True),
+    ("/dev/shm", "tmpfs", "shm", MS_NOSUID | MS_NODEV, "mode=1777", 0o1777, True),
+    ("/run", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", 0o755, True),
+    ("/tmp", "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0o1777, True),
+    ("/sys/fs/cgroup", "cgroup2", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, "", 0, False),
 )
 
 # The tops of that table: anything an image puts beneath them is hidden at
@@ -57,12 +63,20 @@ def ensure_mounts() -> list[str]:
     """Mount what is missing; return what was mounted (for the boot log)."""
     have = mounted()
     done: list[str] = []
-    for target, fstype, source, flags, data, mode in MOUNTS:
+    for target, fstype, source, flags, data, mode, required in MOUNTS:
         if have.get(target) == fstype:
             continue  # e.g. the shim's, or a test's bind mount over /proc/cmdline
         from kestrel import sysapi
 
-        os.makedirs(target, mode=mode, exist_ok=True)
+        if not required:
+            try:
+                sysapi.mount(source, target, fstype, flags, data)
+                done.append(target)
+            except OSError as exc:
+                done.append(f"{target} (failed: {exc.strerror or exc})")
+            continue
+        if mode:
+            os.makedirs(target, mode=mode, exist_ok=True)
         # /run and /tmp start empty on every boot, as under systemd: files an
         # image ships there (stale pid files, sockets) are hidden, not reused.
         # fledge refuses such mappings; a rootfs may still have some: say so.

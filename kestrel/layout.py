@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kestrel.cmdline import DEFAULT_VSOCK_PORT
+
 # In the image.
 AGENT_PATH = "/bin/kestrel"  # what the shim execs
 INIT_PATH = "/init"  # what the kernel runs from an initramfs
@@ -16,8 +18,9 @@ INIT_PATH = "/init"  # what the kernel runs from an initramfs
 MODULES_LOAD_LIST = "/etc/kestrel/modules.load"
 # The virtio-serial port name of the agent channel under QEMU.
 SERIAL_PORT_NAME = "org.kestrel.agent.0"
-# vsock port kestrel connects to on the host (CID 2) by default.
-VSOCK_PORT = 9000
+# vsock port kestrel connects to on the host (CID 2) by default: the
+# command line codec owns the default, this is its name for the host.
+VSOCK_PORT = DEFAULT_VSOCK_PORT
 
 # Modules the default image loads (dependencies are resolved by fledge).
 DEFAULT_MODULES = (
@@ -29,6 +32,11 @@ DEFAULT_MODULES = (
     "virtio_blk",
     "vmw_vsock_virtio_transport",
 )
+
+
+def canonical_module(name: str) -> str:
+    """The kernel treats '-' and '_' in module names alike (virtio-rng.ko is virtio_rng)."""
+    return name.replace("-", "_")
 
 
 def kernel_dir() -> Path:
