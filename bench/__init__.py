@@ -136,10 +136,8 @@ def workload_binary() -> Path:
 
 def frozen_root(work: Path, wl: Path) -> Path:
     """A chroot-able copy of the frozen kestrel tree with the workload at /wl."""
-    try:
-        from builder.freeze import freeze_kestrel
-    except ImportError as exc:
-        raise Unavailable(f"builder.freeze is not there yet ({exc})") from None
+    from builder.freeze import freeze_kestrel
+
     try:
         frozen = freeze_kestrel(cache_dir=CACHE)
     except Exception as exc:  # FreezeError and whatever a missing tool raises

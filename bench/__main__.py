@@ -25,10 +25,8 @@ RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
 def _boot_module() -> Any:
-    try:
-        import bench.boot as boot
-    except ImportError as exc:
-        raise RuntimeError(f"bench/boot.py is not there yet ({exc})") from None
+    import bench.boot as boot
+
     return boot
 
 
@@ -148,11 +146,8 @@ def volar_list(runs: int) -> list[Figure]:
                   baseline_label="python3 + sqlite3 rows")
     mem = Figure("volar vms list, 100 rows: peak RSS", id="volar-list-rss", unit="MB",
                  baseline_label="python3 + sqlite3 rows")
-    try:
-        from host.state import Store
-    except ImportError as exc:
-        wall.na = mem.na = f"host.state is not there ({exc})"
-        return [wall, mem]
+    from host.state import Store
+
     state = work_dir() / "volar"
     store = Store(state)
     with store.transaction():

@@ -137,12 +137,8 @@ def add_agent(tree: ImageTree, config: Config, *, cache: Path, progress: Progres
         return []
     if agent.strategy == "release":
         progress.step(f"Freezing agent (kestrel {agent.version})...")
-        try:
-            from builder.freeze import freeze_kestrel
-        except ImportError:
-            raise BuildError("agent.source_strategy", config.file,
-                             "release agents need builder.freeze, which this fledge lacks; "
-                             'use source_strategy = "local"') from None
+        from builder.freeze import freeze_kestrel
+
         try:
             frozen = freeze_kestrel(cache_dir=cache)
         except Exception as e:  # the freezer's own failure, reported in one line
@@ -191,11 +187,8 @@ def add_init(tree: ImageTree, config: Config, *, cache: Path, progress: Progress
         progress.step("Init mode none: your mapped /init is PID 1")
         return
     progress.step("Compiling C init...")
-    try:
-        from builder.shim import build_shim
-    except ImportError:
-        raise BuildError("init", config.file, "this fledge lacks builder.shim; use [init] "
-                         "path or none = true") from None
+    from builder.shim import build_shim
+
     try:
         shim = build_shim(cache_dir=cache)
     except Exception as e:  # ShimBuildError and OSError, reported in one line

@@ -288,10 +288,8 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_kernel(store: Store, args: argparse.Namespace) -> int:
-    try:
-        from host import kernel
-    except ImportError as exc:
-        raise VolarError(f"kernel support is not available ({exc})") from None
+    from host import kernel
+
     try:
         if args.action == "fetch":
             info = kernel.fetch_kernel(flavour=args.flavour)

@@ -69,10 +69,3 @@ def allocate(store: Store, vm: str) -> tuple[str, str]:
 
 def release(store: Store, vm: str) -> None:
     store.db.execute("DELETE FROM ip_allocations WHERE vm = ?", (vm,))
-
-
-def leases(store: Store) -> list[tuple[str, str, str]]:
-    """(ip, vm, mac) in numeric address order."""
-    rows = [(str(r[0]), str(r[1]), str(r[2])) for r in
-            store.db.execute("SELECT ip, vm, mac FROM ip_allocations")]
-    return sorted(rows, key=lambda r: ipaddress.IPv4Address(r[0]))

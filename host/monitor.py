@@ -137,7 +137,7 @@ class Monitor:
                                       guest_cid=self.vm.guest_cid)
             self.spec = spec = self._spec(self.driver)
             command = shlex.join(self.driver.command(spec))
-        except (VmmError, CmdlineError, ImportError, OSError) as exc:
+        except (VmmError, CmdlineError, OSError) as exc:
             store.set_status(name, "failed", f"cannot launch: {exc}", fatal=str(exc))
             return
         store.update_vm(name, cmdline=spec.cmdline, vmm_command=command)

@@ -37,7 +37,7 @@ from kestrel.protocol import (
 from kestrel.reaper import ExitStatus, Reaper
 from kestrel.spawn import Child, SpawnError, oom_kills, spawn
 
-# Signals PID 1 passes to the workload's group (R3). Not KILL/STOP (cannot be
+# Signals PID 1 passes to the workload's group. Not KILL/STOP (cannot be
 # caught), CHLD (the reaper's), PIPE (kestrel's own writes to a vanished
 # host raise it; forwarding would kill the workload for the agent's error).
 FORWARDED = tuple(
@@ -45,7 +45,7 @@ FORWARDED = tuple(
                                          signal.SIGPIPE)
 )
 STOPPING = (signal.SIGTERM, signal.SIGINT)  # Ctrl-Alt-Del arrives as SIGINT
-LOG_DRAIN_S = 2.0  # R6: a grandchild holding the pipe must not hold the exit report
+LOG_DRAIN_S = 2.0  # a grandchild holding the pipe must not hold the exit report
 FINAL_FLUSH_S = 5.0
 HEARTBEAT_S = 5.0
 CONSOLE_MIRROR_BYTES = 64 * 1024  # the serial console is slow: mirror a bounded amount
@@ -203,7 +203,7 @@ class Agent:
                     self.forward(signum)
 
     async def stop(self, signum: int, grace_s: float) -> None:
-        """R4: signal the group, wait the grace, KILL what is left."""
+        """Signal the group, wait the grace, KILL what is left."""
         if self.stopping:
             self.forward(signum)
             return
@@ -260,7 +260,7 @@ class Agent:
         self.set_state("running", f"pid {child.pid}")
         # The pumps' nursery ends when both pipes reach EOF; once the main
         # process is gone, a deadline stops a grandchild holding a pipe from
-        # holding the exit report too (R6).
+        # holding the exit report too.
         with trio.CancelScope() as drain:
             async with trio.open_nursery() as pumps:
                 pumps.start_soon(self._pump, child.stdout_fd, "stdout")

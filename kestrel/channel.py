@@ -1,10 +1,10 @@
 """Byte streams to the host: vsock, a virtio-serial port, or a unix socket.
 
-Each transport's ``open()`` retries until the host is there (R12): the
+Each transport's ``open()`` retries until the host is there: the
 host may start listening after the guest boots. A virtio-serial port is
 opened once and kept: when the host goes away the guest reads EOF until
-it comes back (measured-here.md), so EOF there means "detached", not
-"closed".
+it comes back (QEMU 7.2's virtio-serial chardev, verified under TCG), so
+EOF there means "detached", not "closed".
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ class BootConfig(Record):
 
     __slots__ = (
         "manifest_json", "boot", "rootfs_device", "rootfs_fstype", "env", "channel",
-        "ip", "hostname", "stop_grace_s", "stage",
+        "ip", "hostname", "stop_grace_s",
     )
     manifest_json: bytes | None
     boot: str
@@ -220,7 +220,6 @@ class BootConfig(Record):
     ip: IpConfig | None
     hostname: str
     stop_grace_s: float | None
-    stage: int
 
     def __init__(
         self,
@@ -234,13 +233,12 @@ class BootConfig(Record):
         ip: IpConfig | None = None,
         hostname: str = "",
         stop_grace_s: float | None = None,
-        stage: int = 1,
     ) -> None:
         self.manifest_json = manifest_json
         self.boot, self.rootfs_device, self.rootfs_fstype = boot, rootfs_device, rootfs_fstype
         self.env = env or {}
         self.channel = channel or Channel("vsock", port=DEFAULT_VSOCK_PORT)
-        self.ip, self.hostname, self.stop_grace_s, self.stage = ip, hostname, stop_grace_s, stage
+        self.ip, self.hostname, self.stop_grace_s = ip, hostname, stop_grace_s
 
 
 def boot_config(text: str) -> BootConfig:
@@ -283,7 +281,6 @@ def boot_config(text: str) -> BootConfig:
         ip=ip,
         hostname=hostname,
         stop_grace_s=grace,
-        stage=2 if p.get("kestrel.stage") == "2" else 1,
     )
 
 

@@ -4,7 +4,7 @@ Budget: the workload must not wait for trio. Until ``spawn`` returns this
 module and its helpers import only C-backed modules (os, time, _signal,
 binascii, zlib, _json) and kestrel's boot-path modules. PID 1 never returns:
 every path, an unexpected exception included, ends in a console line, sync
-and reboot(RB_POWER_OFF) (R10).
+and reboot(RB_POWER_OFF): an init that exits panics the kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 # Blocked from the start so none is lost before the agent's handlers exist
 # (PID 1 silently drops signals it has no handler for); the workload gets an
 # empty mask from posix_spawn. Numbers from signal(7), x86_64.
-_SIGCHLD = 17
 _BLOCKED = (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 14, 15, 16, 17, 18, 20, 21, 22, 23, 24, 25,
             26, 27, 28, 29, 30, 31)
 _SIG_BLOCK = 0

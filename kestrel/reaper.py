@@ -1,6 +1,6 @@
 """The one owner of wait(): reaps every child and orphan, keeps their statuses.
 
-R1/R2/R5: on every SIGCHLD (they coalesce) and at least once a second,
+On every SIGCHLD (they coalesce) and at least once a second,
 ``waitpid(-1, WNOHANG)`` until nothing is left. Nothing else in kestrel
 waits: the supervisor asks the reaper for its workload's status, so the
 exit-status race of Popen.wait() beside a reaper cannot happen.

@@ -1,4 +1,4 @@
-"""Spawning the workload with the hygiene PID 1 owes it (R14).
+"""Spawning the workload with the hygiene PID 1 owes it.
 
 posix_spawn (vfork + exec in glibc: no copy of the agent's memory), its own
 process group, default signal dispositions (Python ignores SIGPIPE and

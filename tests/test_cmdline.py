@@ -336,12 +336,12 @@ def test_volant_env_with_non_ascii_is_a_cmdline_error() -> None:
 def test_boot_keys() -> None:
     cfg = boot_config(
         "volant.boot=rootfs volant.rootfs_device=/dev/vda volant.rootfs_fstype=xfs "
-        "kestrel.grace=2.5 kestrel.stage=2 kestrel.hostname=web"
+        "kestrel.grace=2.5 kestrel.hostname=web"
     )
     assert (cfg.boot, cfg.rootfs_device, cfg.rootfs_fstype) == ("rootfs", "vda", "xfs")
-    assert cfg.stop_grace_s == 2.5 and cfg.stage == 2 and cfg.hostname == "web"
+    assert cfg.stop_grace_s == 2.5 and cfg.hostname == "web"
     defaults = boot_config("")
-    assert (defaults.boot, defaults.rootfs_fstype, defaults.stage) == ("auto", "ext4", 1)
+    assert (defaults.boot, defaults.rootfs_fstype) == ("auto", "ext4")
     assert defaults.stop_grace_s is None
 
 

@@ -20,7 +20,7 @@ from tests.test_fuzz_manifest import mutated_text
 
 KEYS = [
     "volant.manifest", "volant.boot", "volant.rootfs_device", "volant.rootfs_fstype",
-    "volant.env", "kestrel.channel", "ip", "kestrel.grace", "kestrel.stage",
+    "volant.env", "kestrel.channel", "ip", "kestrel.grace",
     "kestrel.hostname", "volant.runtime", "console", "quiet",
 ]
 # Values without whitespace (the parser splits on it), biased toward each key's syntax.

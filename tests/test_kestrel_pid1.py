@@ -94,7 +94,7 @@ async def test_orphans_are_reaped_and_no_zombie_remains() -> None:
 
 async def test_exit_status_race_1000_runs_always_report_3() -> None:
     # Orphans die while the main process exits: the single reaper must still
-    # hand the main status to the supervisor every time (R2).
+    # hand the main status to the supervisor every time.
     run = await run_kestrel(
         manifest(["/bin/sh", "-c", "(sleep 0.001 &); (true &); exit 3"], restart=always(999)),
         timeout=300,
