@@ -7,6 +7,7 @@ boot under TCG) next to the package's module tree in kestrel.layout.kernel_dir()
 
 from __future__ import annotations
 
+import io
 import lzma
 import os
 import re
@@ -17,6 +18,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import NoteSegment
 
 from kestrel.layout import canonical_module, kernel_dir
 
@@ -37,7 +42,6 @@ LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 ELF_MAGIC = b"\x7fELF"
 # Xen's ELF note that marks a PVH entry point (xen/include/public/elfnote.h).
 XEN_ELFNOTE_PHYS32_ENTRY = 18
-PT_NOTE = 4
 
 
 class KernelError(RuntimeError):
@@ -99,79 +103,38 @@ def resolve_package(flavour: str) -> tuple[str, str]:
     return found.group(1), found.group(2) or ""
 
 
-def _lz4_block(src: memoryview, out: bytearray) -> None:
-    """Decode one LZ4 block (lz4's doc/lz4_Block_format.md) onto ``out``."""
-    i, n = 0, len(src)
-    while i < n:
-        token = src[i]
-        i += 1
-        literals = token >> 4
-        if literals == 15:
-            while True:
-                more = src[i]
-                i += 1
-                literals += more
-                if more != 255:
-                    break
-        out += src[i : i + literals]
-        i += literals
-        if i >= n:
-            break  # the last sequence has literals only
-        offset = src[i] | (src[i + 1] << 8)
-        i += 2
-        length = token & 15
-        if length == 15:
-            while True:
-                more = src[i]
-                i += 1
-                length += more
-                if more != 255:
-                    break
-        length += 4
-        start = len(out) - offset
-        if offset <= 0 or start < 0:
-            raise KernelError("corrupt LZ4 block in the bzImage")
-        while length > 0:  # an overlapping match repeats the last `offset` bytes
-            piece = out[start : start + min(offset, length)]
-            out += piece
-            start += len(piece)
-            length -= len(piece)
-
-
 def _lz4_legacy(data: bytes, pos: int) -> bytes:
-    chunks: list[tuple[int, int]] = []
+    """Decode the legacy LZ4 stream at ``pos`` with Debian's ``lz4`` command.
+
+    The command, not a Python decoder: it is an apt package `make setup`
+    installs, and it is 50x faster than pure Python (0.16 s against 7.7 s for
+    Debian's 14 MB cloud bzImage, same run); the lz4 wheel from PyPI (0.09 s)
+    would add a compiled dependency to volar for this one step.
+    """
     pos += len(LZ4_LEGACY_MAGIC)
-    while pos + 4 <= len(data):
-        (size,) = struct.unpack_from("<I", data, pos)
+    first = end = pos
+    while end + 4 <= len(data):
+        (size,) = struct.unpack_from("<I", data, end)
         # The stream ends at a new magic or at the appended image size,
         # which cannot fit in what is left of the bzImage.
-        if size == 0x184C2102 or size > len(data) - pos - 4:
+        if size == 0x184C2102 or size > len(data) - end - 4:
             break
-        chunks.append((pos + 4, size))
-        pos += 4 + size
-    if shutil.which("lz4"):  # lz4 -d takes the same frame; ~100x faster than Python
-        end = chunks[-1][0] + chunks[-1][1] if chunks else pos
-        done = subprocess.run(
-            ["lz4", "-dc"], input=LZ4_LEGACY_MAGIC + data[chunks[0][0] - 4 : end],
-            capture_output=True, check=False,
-        ) if chunks else None
-        if done is not None and done.returncode == 0:
-            return done.stdout
-    out = bytearray()
-    view = memoryview(data)
-    for start, size in chunks:
-        _lz4_block(view[start : start + size], out)
-    return bytes(out)
+        end += 4 + size
+    if end == first:
+        return b""
+    if shutil.which("lz4") is None:
+        raise KernelError("the kernel is LZ4-compressed and the lz4 command is missing "
+                          "(apt-get install lz4)")
+    done = subprocess.run(["lz4", "-dc"], input=LZ4_LEGACY_MAGIC + data[first:end],
+                          capture_output=True, check=False)
+    return done.stdout if done.returncode == 0 else b""
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes:
     """The uncompressed ELF kernel inside a bzImage whose payload is xz or LZ4."""
     start = bzimage.find(LZ4_LEGACY_MAGIC)
     while start != -1:
-        try:
-            data = _lz4_legacy(bzimage, start)
-        except (IndexError, KernelError):
-            data = b""  # the magic bytes occurred by chance
+        data = _lz4_legacy(bzimage, start)  # b"" where the magic occurred by chance
         if data.startswith(ELF_MAGIC):
             return data
         start = bzimage.find(LZ4_LEGACY_MAGIC, start + 1)
@@ -189,23 +152,17 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
 
 def has_pvh_note(elf: bytes) -> bool:
     """True when a PT_NOTE segment holds Xen's PHYS32_ENTRY note (PVH boot)."""
-    if elf[:4] != ELF_MAGIC or elf[4] != 2 or elf[5] != 1:
-        return False  # only 64-bit little-endian kernels are expected here
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(
-            "<IIQQQQ", elf, phoff + i * phentsize
-        )
-        if p_type != PT_NOTE:
-            continue
-        pos, end = p_offset, p_offset + p_filesz
-        while pos + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
-                return True
-            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    try:
+        f = ELFFile(io.BytesIO(elf))
+        for segment in f.iter_segments():
+            if isinstance(segment, NoteSegment):
+                for note in segment.iter_notes():
+                    # pyelftools names some Xen types after GNU ones; 18 stays a number.
+                    n_type: object = note["n_type"]
+                    if note["n_name"] == "Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
+                        return True
+    except ELFError:
+        return False
     return False
 
 
