@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from builder.config import Config, load_config
 from builder.errors import BuildError, ConfigError
 from builder.tree import BASE_DIRS, ImageTree, TreeError
 from kestrel import layout
+from kestrel.cliout import Output
 from kestrel.digest import sha256_file
 
 # Volant's list, switch_root, and the tools people reach for on a console.
@@ -64,24 +64,8 @@ class BuildResult:
     seconds: float
 
 
-class Progress:
-    """Step lines like Volant's fledge; -q silences it, -v adds per-file detail."""
-
-    def __init__(self, *, verbosity: int = 1, out: Callable[[str], None] = print) -> None:
-        self.verbosity = verbosity
-        self.out = out
-
-    def step(self, text: str) -> None:
-        if self.verbosity >= 1:
-            self.out(text)
-
-    def item(self, text: str) -> None:
-        if self.verbosity >= 1:
-            self.out(f"  {text}")
-
-    def detail(self, text: str) -> None:
-        if self.verbosity >= 2:
-            self.out(f"    {text}")
+# fledge's steps go through the CLIs' one output path.
+Progress = Output
 
 
 def default_output(compression: str) -> Path:
@@ -159,7 +143,8 @@ def add_agent(tree: ImageTree, config: Config, *, cache: Path, progress: Progres
         assert agent.url is not None
         progress.step(f"Downloading agent {agent.url}...")
         path = sources.fetch(agent.url, sha256=agent.checksum, key="agent.url",
-                             file=config.file, base=config.base, sha_key="agent.checksum")
+                             file=config.file, base=config.base, sha_key="agent.checksum",
+                             output=progress)
     tree.add_file(layout.AGENT_PATH, perm=0o755, source=path.resolve(), origin="agent")
     return []
 
@@ -167,7 +152,7 @@ def add_agent(tree: ImageTree, config: Config, *, cache: Path, progress: Progres
 def add_busybox(tree: ImageTree, config: Config, *, progress: Progress) -> None:
     progress.step(f"Sourcing busybox ({config.busybox_url or sources.HOST_BUSYBOX})...")
     path = sources.busybox(url=config.busybox_url, sha256=config.busybox_sha256,
-                           file=config.file, base=config.base)
+                           file=config.file, base=config.base, output=progress)
     tree.add_file("/bin/busybox", perm=0o755, source=path.resolve(), origin="busybox")
     for applet in APPLETS:
         tree.add_symlink(f"/bin/{applet}", "busybox", origin="busybox applet")

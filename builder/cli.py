@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from builder.errors import FledgeError
+from kestrel.cliout import VerbosityError, split_verbosity
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,6 +22,14 @@ class _Parser(argparse.ArgumentParser):
               if " " in self.prog else f"fledge: {message} (see fledge --help)",
               file=sys.stderr)
         raise SystemExit(2)
+
+
+def _verbosity_help(p: argparse.ArgumentParser) -> None:
+    # Only for --help: kestrel.cliout.split_verbosity takes them out of argv first,
+    # wherever they are, the same way volar does.
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_true", help="print only errors and data")
+    level.add_argument("-v", "--verbose", action="store_true", help="print every detail")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,9 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the image's url and sha256 into this plugin manifest")
     b.add_argument("--url", default=None, help="with --update-manifest: the url to write "
                    "(default: the image's absolute path)")
-    level = b.add_mutually_exclusive_group()
-    level.add_argument("-q", "--quiet", action="store_true", help="print only errors")
-    level.add_argument("-v", "--verbose", action="store_true", help="print every detail")
+    _verbosity_help(b)
 
     i = sub.add_parser("inspect", help="list what an image holds")
     i.add_argument("image", type=Path)
@@ -61,8 +68,8 @@ def _build(args: argparse.Namespace) -> int:
     from builder.build import BuildOptions, Progress, build, source_date_epoch
     from builder.publish import update_manifest
 
-    verbosity = 0 if args.quiet else 2 if args.verbose else 1
-    progress = Progress(verbosity=verbosity)
+    progress = Progress(verbosity=args.verbosity)
+    progress.route_logging()
     result = build(
         BuildOptions(config_path=args.config, output=args.output,
                      compression=args.compression, copy_host_libs=args.copy_host_libs,
@@ -95,7 +102,13 @@ def _manifest(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        verbosity, rest = split_verbosity(sys.argv[1:] if argv is None else argv)
+    except VerbosityError as exc:
+        print(f"fledge: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(rest)
+    args.verbosity = verbosity
     try:
         if args.command == "build":
             return _build(args)

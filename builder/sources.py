@@ -16,6 +16,7 @@ from pathlib import Path
 
 from builder.elf import read_elf
 from builder.errors import BuildError
+from kestrel.cliout import QUIET, Output
 from kestrel.digest import copy_hashing, sha256_file
 
 DOWNLOAD_TIMEOUT = 30.0  # seconds without progress before a download is abandoned
@@ -31,7 +32,8 @@ def cache_dir() -> Path:
 
 
 def fetch(
-    url: str, *, sha256: str | None, key: str, file: str, base: Path, sha_key: str | None = None
+    url: str, *, sha256: str | None, key: str, file: str, base: Path, sha_key: str | None = None,
+    output: Output | None = None,
 ) -> Path:
     """A local path holding the bytes *url* names, verified against *sha256*.
 
@@ -41,7 +43,8 @@ def fetch(
     sha_key = sha_key or key
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme in ("http", "https"):
-        return _download(url, sha256=sha256, key=key, file=file, sha_key=sha_key)
+        return _download(url, sha256=sha256, key=key, file=file, sha_key=sha_key,
+                         output=output or Output(verbosity=QUIET))
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise BuildError(key, file, f"{url}: file:// URLs must name a local file")
@@ -70,7 +73,8 @@ def _verify(path: Path, sha256: str, *, key: str, file: str, what: str) -> None:
                          f"got {got}")
 
 
-def _download(url: str, *, sha256: str | None, key: str, file: str, sha_key: str) -> Path:
+def _download(url: str, *, sha256: str | None, key: str, file: str, sha_key: str,
+              output: Output) -> Path:
     store = cache_dir() / "sha256"
     if sha256 is not None:
         cached = store / sha256.lower()
@@ -83,8 +87,8 @@ def _download(url: str, *, sha256: str | None, key: str, file: str, sha_key: str
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
                 url, timeout=DOWNLOAD_TIMEOUT
-            ) as resp:
-                digest = copy_hashing(resp, out)
+            ) as resp, output.progress(f"  {url}", _length(resp)) as advance:
+                digest = copy_hashing(resp, out, advance)
         except urllib.error.HTTPError as e:
             msg = f"cannot download {url}: HTTP {e.code} {e.reason}"
             raise BuildError(key, file, msg) from None
@@ -101,11 +105,19 @@ def _download(url: str, *, sha256: str | None, key: str, file: str, sha_key: str
         tmp.unlink(missing_ok=True)
 
 
-def busybox(*, url: str | None, sha256: str | None, file: str, base: Path) -> Path:
+def _length(resp: object) -> int | None:
+    """Content-Length, for the progress bar; None when the server does not say."""
+    headers = getattr(resp, "headers", None)
+    value = headers.get("Content-Length") if headers is not None else None
+    return int(value) if value and value.isdigit() else None
+
+
+def busybox(*, url: str | None, sha256: str | None, file: str, base: Path,
+            output: Output | None = None) -> Path:
     """The busybox binary to install: the configured one, else the host's static one."""
     if url is not None:
         path = fetch(url, sha256=sha256, key="source.busybox_url", file=file, base=base,
-                     sha_key="source.busybox_sha256")
+                     sha_key="source.busybox_sha256", output=output)
     else:
         path = HOST_BUSYBOX
         if not path.exists():

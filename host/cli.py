@@ -18,6 +18,7 @@ from typing import Any
 from host import lifecycle
 from host.errors import VolarError
 from host.state import TERMINAL, Store, Vm, default_state_dir
+from kestrel.cliout import Output, VerbosityError, split_verbosity
 from kestrel.manifest import ManifestError
 
 
@@ -61,9 +62,9 @@ def cmd_plugins(store: Store, args: argparse.Namespace) -> int:
         source = args.manifest or args.url
         if not source:
             raise VolarError("plugins install: pass --manifest FILE|URL (or --url URL)")
-        row = plugins.install(store, source, force=args.force)
-        print(f"Plugin {row['name']} {row['version']} installed "
-              f"({row['strategy']}, sha256:{row['artifact_sha256'][:16]}...)")
+        row = plugins.install(store, source, force=args.force, output=args.output)
+        args.output.step(f"Plugin {row['name']} {row['version']} installed "
+                         f"({row['strategy']}, sha256:{row['artifact_sha256'][:16]}...)")
     elif args.action == "list":
         rows = store.plugins()
         if args.json:
@@ -85,10 +86,10 @@ def cmd_plugins(store: Store, args: argparse.Namespace) -> int:
             print(json.dumps(info["manifest"], indent=2))
     elif args.action == "remove":
         plugins.remove(store, args.name, force=args.force)
-        print(f"Plugin {args.name} removed")
+        args.output.step(f"Plugin {args.name} removed")
     elif args.action in ("enable", "disable"):
         plugins.set_enabled(store, args.name, args.action == "enable")
-        print(f"Plugin {args.name} {args.action}d")
+        args.output.step(f"Plugin {args.name} {args.action}d")
     return 0
 
 
@@ -258,7 +259,7 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
         lifecycle.create(
             store, args.name, plugin=args.plugin, cpu=args.cpu, memory=args.memory,
             kernel=args.kernel, vmm=args.vmm, port=args.port, boot_timeout=args.timeout,
-            say=lambda line: print(line, flush=True), channel=args.channel,
+            say=args.output.step, channel=args.channel,
         )
     elif a == "list":
         vms = store.vms()
@@ -280,10 +281,10 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
         _console(store, args)
     elif a == "stop":
         vm = lifecycle.stop(store, args.name, grace=args.grace)
-        print(f"VM {vm.name} {vm.status}" + (f": {vm.detail}" if vm.detail else ""))
+        args.output.step(f"VM {vm.name} {vm.status}" + (f": {vm.detail}" if vm.detail else ""))
     elif a == "delete":
         lifecycle.delete(store, args.name)
-        print(f"VM {args.name} deleted")
+        args.output.step(f"VM {args.name} deleted")
     return 0
 
 
@@ -292,7 +293,7 @@ def cmd_kernel(store: Store, args: argparse.Namespace) -> int:
 
     try:
         if args.action == "fetch":
-            info = kernel.fetch_kernel(flavour=args.flavour)
+            info = kernel.fetch_kernel(flavour=args.flavour, output=args.output)
         else:
             found = kernel.current_kernel()
             if found is None:
@@ -300,8 +301,12 @@ def cmd_kernel(store: Store, args: argparse.Namespace) -> int:
             info = found
     except kernel.KernelError as exc:
         raise VolarError(f"kernel: {exc}") from None
-    print(f"release:  {info.release}\npackage:  {info.package} {info.version}\n"
-          f"vmlinux:  {info.vmlinux}\nmodules:  {info.modules}")
+    if getattr(args, "json", False):
+        _print_json({"release": info.release, "package": info.package, "version": info.version,
+                     "vmlinux": str(info.vmlinux), "modules": str(info.modules)})
+    else:
+        print(f"release:  {info.release}\npackage:  {info.package} {info.version}\n"
+              f"vmlinux:  {info.vmlinux}\nmodules:  {info.modules}")
     return 0
 
 
@@ -366,7 +371,7 @@ def _vms_parser(vm: Any) -> None:
 def _kernel_parser(k: Any) -> None:
     kf = k.add_parser("fetch", help="download Debian's kernel package")
     kf.add_argument("--flavour", default="cloud-amd64")
-    k.add_parser("show")
+    k.add_parser("show").add_argument("--json", action="store_true")
 
 
 def _agent_parser(a: Any) -> None:
@@ -385,6 +390,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volar", description="Run kestrel microVMs.")
     p.add_argument("--state-dir", type=Path, help="default: $VOLAR_STATE_DIR, "
                    "/var/lib/volar as root, else ~/.local/share/volar")
+    # Only for --help: kestrel.cliout.split_verbosity takes them out of argv first,
+    # wherever they are, as fledge does.
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and data")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every detail")
     groups = p.add_subparsers(dest="group", required=True)
     builders = {"plugins": _plugins_parser, "vms": _vms_parser, "kernel": _kernel_parser,
                 "agent": _agent_parser}
@@ -396,8 +405,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        verbosity, argv = split_verbosity(sys.argv[1:] if argv is None else argv)
+    except VerbosityError as exc:
+        print(f"volar: {exc}", file=sys.stderr)
+        return 2
     args = build_parser(argv).parse_args(argv)
+    args.output = Output(verbosity=verbosity)  # host/ modules say all through it
     try:
         store = Store(args.state_dir or default_state_dir())
         handler = {"plugins": cmd_plugins, "vms": cmd_vms, "kernel": cmd_kernel,

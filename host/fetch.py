@@ -17,6 +17,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urljoin, urlparse
 
 from host.errors import FetchError
+from kestrel.cliout import QUIET, Output
 from kestrel.digest import copy_hashing
 
 TIMEOUT_S = 60.0
@@ -98,16 +99,19 @@ def read_text(ref: str, *, limit: int = 16 << 20) -> str:
         raise FetchError(f"{ref}: not UTF-8 text ({exc})") from None
 
 
-def download(ref: str, *, dest_dir: Path) -> tuple[Path, str]:
+def download(ref: str, *, dest_dir: Path, output: Output | None = None) -> tuple[Path, str]:
     """Copy ``ref`` into ``dest_dir`` as a temporary file; return (path, sha256 hex).
 
-    The caller verifies the sum and renames (or deletes) the file.
+    The caller verifies the sum and renames (or deletes) the file. ``output``
+    shows a progress bar on a terminal.
     """
     dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-")
+    say = output or Output(verbosity=QUIET)
     try:
-        with os.fdopen(fd, "wb") as out, open_source(ref) as src:
-            digest = copy_hashing(src, out)
+        with os.fdopen(fd, "wb") as out, open_source(ref) as src, \
+                say.progress(f"Downloading {ref}", _size(src)) as advance:
+            digest = copy_hashing(src, out, advance)
     except OSError as exc:
         os.unlink(tmp)
         raise FetchError(f"{ref}: {exc}") from None
@@ -115,6 +119,18 @@ def download(ref: str, *, dest_dir: Path) -> tuple[Path, str]:
         os.unlink(tmp)
         raise
     return Path(tmp), digest
+
+
+def _size(src: BinaryIO) -> int | None:
+    """The byte count to expect, for the progress bar: Content-Length or the file's size."""
+    headers = getattr(src, "headers", None)
+    if headers is not None:
+        value = headers.get("Content-Length")
+        return int(value) if value and value.isdigit() else None
+    try:
+        return os.fstat(src.fileno()).st_size
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def store_artifact(tmp: Path, sha256: str, *, dest_dir: Path, suffix: str) -> Path:

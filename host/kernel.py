@@ -23,6 +23,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.segments import NoteSegment
 
+from kestrel.cliout import NORMAL, QUIET, Output
 from kestrel.layout import canonical_module, kernel_dir
 
 # Modules the QEMU driver's devices need; a flavour without them is no use.
@@ -70,11 +71,6 @@ class KernelInfo:
     @property
     def config(self) -> Path:
         return self.directory / "config"
-
-
-def _say(quiet: bool, text: str) -> None:
-    if not quiet:
-        print(f"kernel: {text}", file=sys.stderr, flush=True)
 
 
 def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
@@ -201,8 +197,8 @@ def current_kernel(*, root: Path | None = None) -> KernelInfo | None:
     return _info_from(link.resolve())
 
 
-def _download(package: str, work: Path, quiet: bool) -> Path:
-    _say(quiet, f"apt-get download {package}")
+def _download(package: str, work: Path, out: Output) -> Path:
+    out.step(f"kernel: apt-get download {package}")
     # apt drops to the _apt user to write the file; let it into the directory.
     work.chmod(0o755)
     _run(["apt-get", "download", "-q", package], cwd=work)
@@ -212,15 +208,15 @@ def _download(package: str, work: Path, quiet: bool) -> Path:
     return debs[0]
 
 
-def _install(package: str, version: str, *, root: Path, quiet: bool) -> KernelInfo:
+def _install(package: str, version: str, *, root: Path, say: Output) -> KernelInfo:
     release = package.removeprefix("linux-image-")
     root.mkdir(parents=True, exist_ok=True)
     # Work inside root so the final moves are renames on one filesystem.
     with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
         work = Path(tmp)
-        deb = _download(package, work, quiet)
+        deb = _download(package, work, say)
         tree = work / "tree"
-        _say(quiet, f"dpkg-deb -x {deb.name}")
+        say.step(f"kernel: dpkg-deb -x {deb.name}")
         _run(["dpkg-deb", "-x", str(deb), str(tree)])
         modules = tree / "lib" / "modules" / release
         vmlinuz = tree / "boot" / f"vmlinuz-{release}"
@@ -229,7 +225,7 @@ def _install(package: str, version: str, *, root: Path, quiet: bool) -> KernelIn
         missing = sorted(set(REQUIRED_MODULES) - _module_names(modules))
         if missing:
             raise KernelError(f"{package} lacks the modules {', '.join(missing)}")
-        _say(quiet, "extracting vmlinux from the bzImage")
+        say.step("kernel: extracting vmlinux from the bzImage")
         vmlinux = extract_vmlinux(vmlinuz.read_bytes())
         if not has_pvh_note(vmlinux):
             raise KernelError(f"{package}: vmlinux has no PVH entry note; QEMU cannot boot it")
@@ -248,18 +244,20 @@ def _install(package: str, version: str, *, root: Path, quiet: bool) -> KernelIn
             shutil.rmtree(final)  # an incomplete earlier attempt
         os.rename(out, final)
     _point_current(root, release)
-    _say(quiet, f"{release} ready in {root / release}")
+    say.step(f"kernel: {release} ready in {root / release}")
     return _info_from(root / release)
 
 
 def fetch_kernel(
-    *, dest: Path | None = None, flavour: str = "cloud-amd64", quiet: bool = False
+    *, dest: Path | None = None, flavour: str = "cloud-amd64", quiet: bool = False,
+    output: Output | None = None,
 ) -> KernelInfo:
     """Make ``<dest>/current`` a complete kernel of ``flavour``; quick when already there.
 
     ``flavour`` is a Debian flavour ("cloud-amd64", "amd64") or "auto" to take
     the first one in FLAVOURS that carries REQUIRED_MODULES.
     """
+    out = output or Output(verbosity=QUIET if quiet else NORMAL, stream=sys.stderr)
     root = dest or kernel_dir()
     choices = FLAVOURS if flavour == "auto" else (flavour,)
     errors: list[str] = []
@@ -270,7 +268,7 @@ def fetch_kernel(
             existing = current_kernel(root=root)
             if existing is not None and existing.release.endswith(choice):
                 # apt's lists are missing (offline box): the kernel we have will do.
-                _say(quiet, f"{exc}; keeping {existing.release}")
+                out.step(f"kernel: {exc}; keeping {existing.release}")
                 return existing
             errors.append(str(exc))
             continue
@@ -281,7 +279,7 @@ def fetch_kernel(
                 _point_current(root, release)
             return _info_from(root / release)
         try:
-            return _install(package, version, root=root, quiet=quiet)
+            return _install(package, version, root=root, say=out)
         except KernelError as exc:
             errors.append(str(exc))
     raise KernelError("; ".join(errors))

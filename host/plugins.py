@@ -18,6 +18,7 @@ from host import fetch
 from host.errors import AlreadyExists, ChecksumMismatch, VolarError
 from host.names import NAME_RULE, valid_name
 from host.state import Store
+from kestrel.cliout import Output
 from kestrel.manifest import Manifest, ManifestError, load_manifest, normalize_checksum
 
 
@@ -29,7 +30,8 @@ def _source_base(source: str) -> str:
 
 
 
-def install(store: Store, source: str, *, force: bool = False) -> dict[str, Any]:
+def install(store: Store, source: str, *, force: bool = False,
+            output: Output | None = None) -> dict[str, Any]:
     """Install the plugin whose manifest is at ``source``; returns its row."""
     base = _source_base(source)
     text = fetch.read_text(fetch.local_path(base) if base.startswith("file://") else base)
@@ -49,7 +51,7 @@ def install(store: Store, source: str, *, force: bool = False) -> dict[str, Any]
     )
     assert artifact is not None  # parse_manifest requires one of them
     where = fetch.resolve(artifact.url, base=base)
-    tmp, actual = fetch.download(where, dest_dir=store.artifacts_dir)
+    tmp, actual = fetch.download(where, dest_dir=store.artifacts_dir, output=output)
     if artifact.checksum:
         expected = normalize_checksum(artifact.checksum, field=f"{strategy}.checksum")
         if expected != actual:
