@@ -97,7 +97,7 @@ class Guest:
         self.conn = stream
         try:
             while data := await stream.receive_some(65536):
-                commands, reply = self.session.receive(data)
+                commands, reply = self.session.receive(bytes(data))
                 if reply:
                     async with self.lock:
                         await stream.send_all(reply)
@@ -114,7 +114,7 @@ class Guest:
 
     async def pump(self, pipe: trio.abc.ReceiveStream, name: str) -> None:
         while data := await pipe.receive_some(65536):
-            await self.emit(Log(stream=name, data=data))
+            await self.emit(Log(stream=name, data=bytes(data)))
 
     async def run(self) -> int:
         print("fake guest: booting", flush=True)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import cast
 
 import trio
 
 from host.agentlink import AgentLink
 from host.state import Store
-from host.vmm import LaunchSpec, Running
+from host.vmm import LaunchSpec, Running, VmmDriver
 from kestrel.cmdline import Channel
 from kestrel.protocol import (
     Exit,
@@ -79,6 +80,11 @@ class PairDriver:
         return trio.SocketStream(a)
 
 
+async def _run_link(link: AgentLink, driver: PairDriver, exited: trio.Event) -> None:
+    # The link only asks the driver for streams: no launch spec, no VMM process.
+    await link.run(cast(VmmDriver, driver), cast(LaunchSpec, None), cast(Running, None), exited)
+
+
 def _store(tmp_path: Path) -> Store:
     store = Store(tmp_path)
     store.db.execute(
@@ -104,7 +110,7 @@ async def test_records_are_stored_then_acked_and_hello_means_running(tmp_path: P
     exited = trio.Event()
     async with trio.open_nursery() as nursery:
         driver = PairDriver(guest, nursery)
-        nursery.start_soon(link.run, driver, None, None, exited)
+        nursery.start_soon(_run_link, link, driver, exited)
         await link.hello_seen.wait()
         await _until(lambda: guest.session.buffered == 0)  # everything acked
         await guest.emit(Health(status="healthy", detail="200"))
@@ -126,7 +132,7 @@ async def test_reconnect_replays_without_loss_or_duplicates(tmp_path: Path) -> N
     exited = trio.Event()
     async with trio.open_nursery() as nursery:
         driver = PairDriver(guest, nursery)
-        nursery.start_soon(link.run, driver, None, None, exited)
+        nursery.start_soon(_run_link, link, driver, exited)
         await link.hello_seen.wait()
         for i in range(10):
             await guest.emit(Log(stream="stdout", data=b"%d\n" % i))
@@ -156,7 +162,7 @@ async def test_stop_reaches_the_guest_and_fatal_is_kept(tmp_path: Path) -> None:
     exited = trio.Event()
     async with trio.open_nursery() as nursery:
         driver = PairDriver(guest, nursery)
-        nursery.start_soon(link.run, driver, None, None, exited)
+        nursery.start_soon(_run_link, link, driver, exited)
         await link.hello_seen.wait()
         assert await link.send_stop(3.5)
         await _until(lambda: any(isinstance(c, Stop) for c in guest.commands))

@@ -12,13 +12,14 @@ import signal
 import socket
 import subprocess
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
 from kestrel.protocol import Exit, Log, Signal, State, Stop, Timeline
-from tests.pid1 import PYTHON, Kestrel, frozen_kestrel, manifest, run_kestrel
+from tests.pid1 import PYTHON, Kestrel, Run, frozen_kestrel, manifest, run_kestrel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
 
@@ -173,7 +174,7 @@ async def test_each_catchable_signal_to_pid1_reaches_the_workload() -> None:
         await k.wait_for(lambda r: b"ready" in r.logs())
         for s in CATCHABLE:
             k.signal(s)
-            await k.wait_for(lambda r, s=s: f"sig={s}\n".encode() in r.logs())
+            await k.wait_for(_logged(f"sig={s}\n".encode()))
         k.signal(signal.SIGTERM)
 
     run = await run_kestrel(manifest([PY, "-c", prog], type="http",
@@ -385,6 +386,10 @@ async def test_hanging_health_endpoint_never_delays_stop() -> None:
     run = await run_kestrel(doc, scenario=scenario, timeout=20)
     assert run.exits and run.powered_off
     assert "healthy" not in run.health
+
+
+def _logged(marker: bytes) -> Callable[[Run], bool]:
+    return lambda r: marker in r.logs()
 
 
 def _free_port() -> int:
