@@ -105,6 +105,8 @@ class BaseUrl(Record):
 
     def target(self, endpoint: str) -> str:
         """The request target of a probe of ``endpoint`` under this base."""
+        if self.query and "?" in endpoint:  # both carry a query: one '?', joined by '&'
+            return self.prefix + endpoint + "&" + self.query[1:]
         return self.prefix + endpoint + self.query
 
 

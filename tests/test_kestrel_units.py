@@ -60,6 +60,7 @@ def test_base_url_is_parsed_into_host_port_and_prefix() -> None:
     assert parse_base_url("http://h:8080/a/b/?x=1&y#frag") == BaseUrl("h", 8080, "/a/b", "?x=1&y")
     assert parse_base_url("http://[::1]").authority == "[::1]:80"
     assert parse_base_url("http://h/api?v=2").target("/healthz") == "/api/healthz?v=2"
+    assert parse_base_url("http://h/api?v=2").target("/hz?deep=1") == "/api/hz?deep=1&v=2"
 
 
 json_values = st.recursive(
