@@ -172,5 +172,5 @@ async def test_valid_manifests_never_make_pid1_an_internal_error(doc: dict[str, 
                 pass
 
     run = await run_kestrel(doc, scenario=scenario, timeout=30)
-    assert "internal error" not in run.console, run.console
-    assert "Traceback" not in run.console, run.console
+    # (Not "Traceback": the console mirrors the workload, which may print anything.)
+    assert "KESTREL PANIC: internal error" not in run.console, run.console
