@@ -326,7 +326,8 @@ def _cache_key(python: Path, kestrel_files: list[Source],
         for p in parts:
             h.update(p.encode() + b"\0")
 
-    feed(FORMAT, sha256_file(Path(__file__)), sha256_file(Path(freeze_edits.__file__)), sha256_file(python))
+    feed(FORMAT, sha256_file(Path(__file__)), sha256_file(Path(freeze_edits.__file__)),
+         sha256_file(python))
     for name in ("freeze_probe.py", "ssl_stub.py", *sorted(set(STUBBED.values()))):
         feed(name, sha256_file(_data(name)))
     for src in kestrel_files:

@@ -31,6 +31,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import FrameType
 
+    from kestrel.manifest import BaseUrl
+
 NICE = 19
 COURTESY_MAX_S = 3.0
 TICK_S = 0.05
@@ -39,18 +41,14 @@ _SIGALRM = 14
 _SIG_BLOCK, _SIG_UNBLOCK = 0, 1
 
 
-def address(base_url: str | None) -> tuple[str, int] | None:
-    """http://host[:port][/prefix] -> (host, port) for a numeric IPv4 host, else None."""
-    if not base_url or not base_url.startswith("http://"):
+def address(url: BaseUrl | None) -> tuple[str, int] | None:
+    """The workload's (host, port) when its host is a numeric IPv4 address, else None."""
+    if url is None:
         return None
-    hostport = base_url[7:].partition("/")[0]
-    host, _, port = hostport.rpartition(":")
-    if not host:
-        host, port = hostport, "80"
-    parts = host.split(".")
-    if not port.isdigit() or len(parts) != 4 or not all(p.isdigit() for p in parts):
+    parts = url.host.split(".")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
         return None  # a name would need a resolver: the time cap alone applies
-    return host, int(port)
+    return url.host, url.port
 
 
 def listening(addr: tuple[str, int]) -> bool:

@@ -170,7 +170,7 @@ def _main(t0: float) -> int:
         defer_imports,
     )
 
-    courtesy = Courtesy(address(manifest.workload.base_url)
+    courtesy = Courtesy(address(manifest.workload.url)
                         if child is not None and manifest and manifest.workload else None)
     if child is not None:
         courtesy.start()
@@ -190,7 +190,7 @@ def _main(t0: float) -> int:
     gc.disable()
     try:
         checked = bool(manifest and manifest.health_check and manifest.workload
-                       and manifest.workload.base_url)
+                       and manifest.workload.url)
         defer_imports(DEFERRED if checked else DEFERRED + HEALTH_CHECK_ONLY)
         import trio
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kestrel.courtesy import address
+from kestrel.manifest import parse_base_url
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,10 +29,10 @@ def run(code: str) -> str:
 
 
 def test_address_takes_numeric_ipv4_base_urls_only() -> None:
-    assert address("http://127.0.0.1:8080/prefix") == ("127.0.0.1", 8080)
-    assert address("http://10.0.2.15") == ("10.0.2.15", 80)
-    assert address("http://localhost:80") is None  # a name would need a resolver
-    assert address("http://[::1]:80") is None
+    assert address(parse_base_url("http://127.0.0.1:8080/prefix")) == ("127.0.0.1", 8080)
+    assert address(parse_base_url("http://10.0.2.15")) == ("10.0.2.15", 80)
+    assert address(parse_base_url("http://localhost:80")) is None  # a name needs a resolver
+    assert address(parse_base_url("http://[::1]:80")) is None
     assert address(None) is None
 
 
