@@ -26,7 +26,8 @@ from host.agentlink import AgentLink
 from host.lifecycle import CONTROL_SOCKET
 from host.qemu import QEMU_USER_IP
 from host.state import Store, proc_start_time
-from host.vmm import Helper, LaunchSpec, Running, VmmDriver, VmmError
+from host.vmm import Helper, LaunchSpec, Running, VmmDriver, VmmError, terminate
+from host.vsock import private_listener
 from kestrel.cmdline import CmdlineError, build_cmdline
 from kestrel.manifest import load_manifest
 
@@ -232,27 +233,14 @@ class Monitor:
                 await self.driver.shutdown(self.spec, self.running, timeout=5.0)
         except (VmmError, OSError) as exc:
             print(f"monitor: {self.driver.name} shutdown: {exc}", flush=True)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if self.exited.is_set():
-                return
+        if not self.exited.is_set():
             try:
-                self.running.process.send_signal(sig)
-            except ProcessLookupError:
-                return
-            with trio.move_on_after(5):
-                await self.exited.wait()
+                await terminate(self.running.process, grace=5.0, what=self.driver.name)
+            except VmmError as exc:
+                print(f"monitor: {exc}", flush=True)
 
     async def _serve_control(self, nursery: trio.Nursery) -> None:
-        path = self.run_dir / CONTROL_SOCKET
-        path.unlink(missing_ok=True)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        old = os.umask(0o177)  # 0600 from birth: no window where others can connect
-        try:
-            await sock.bind(str(path))
-        finally:
-            os.umask(old)
-        sock.listen(4)
-        listener = trio.SocketListener(sock)
+        listener = await private_listener(self.run_dir / CONTROL_SOCKET, backlog=4)
         await trio.serve_listeners(self._control_client, [listener])
 
     async def _control_client(self, stream: trio.abc.Stream) -> None:

@@ -273,7 +273,7 @@ async def test_a_command_waits_for_a_reattach_in_flight_instead_of_colliding() -
         # Connection 1: the guest says hello; the loop has heard kestrel once.
         host1, guest1 = trio.testing.lockstep_stream_pair()
         nursery.start_soon(loop.serve, host1)
-        _, reply = guest.receive(await guest1.receive_some())
+        _, reply = guest.receive(bytes(await guest1.receive_some()))
         await guest1.send_all(reply + guest.record(Log(stream="stdout", data=b"x")))
         await guest1.receive_some()  # the ack
         await guest1.aclose()
@@ -313,11 +313,11 @@ async def test_records_reach_the_sink_before_the_ack() -> None:
     host, peer = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loop.serve, host)
-        _, reply = guest.receive(await peer.receive_some())
+        _, reply = guest.receive(bytes(await peer.receive_some()))
         await peer.send_all(reply + guest.record(Log(stream="stdout", data=b"1")))
         with trio.fail_after(5):
             while True:
-                frames = _frames(await peer.receive_some())
+                frames = _frames(bytes(await peer.receive_some()))
                 if frames:
                     order.append(f"acked {frames[-1].seq}")
                     break

@@ -163,13 +163,11 @@ async def test_valid_manifests_never_make_pid1_an_internal_error(doc: dict[str, 
 
     async def scenario(k: Kestrel) -> None:
         # Whatever the policy: a moment to run (and probe), then a stop.
-        with trio.move_on_after(1.5):
-            await k.wait_for(lambda r: r.powered_off, timeout=2)
-        if k.stream is not None and k.run.returncode is None:
-            try:
-                await k.send(Stop(grace_s=0.5))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        await trio.sleep(1.5)
+        try:
+            await k.send(Stop(grace_s=0.5))
+        except AssertionError:
+            pass  # nothing attached: an exec workload has powered kestrel off already
 
     run = await run_kestrel(doc, scenario=scenario, timeout=30)
     # (Not "Traceback": the console mirrors the workload, which may print anything.)
