@@ -67,7 +67,7 @@ class SessionLoop:
         self.stream = stream
         opened = time.monotonic()
         try:
-            await self._send(self.session.attach())
+            await self._send(self.session.attach(), stream)
             greeted = False
             reattach, resent = self.reattach_s, 0
             while True:
@@ -78,7 +78,7 @@ class SessionLoop:
                     reattach *= 2
                     # Not session.attach(): that resets the decoder, and a frame
                     # may be half-way through it.
-                    await self._send(encode(Attach(last_seq=self.session.last_seq)))
+                    await self._send(encode(Attach(last_seq=self.session.last_seq)), stream)
                     continue
                 if not data:
                     return
@@ -92,16 +92,20 @@ class SessionLoop:
                     self.hello_seen.set()
                 ack = self.session.ack()
                 if ack:
-                    await self._send(ack)
+                    await self._send(ack, stream)
         finally:
-            self.stream = None
+            # A newer connection may already have replaced this one (a listener
+            # accepts the guest's reconnect before this one has seen its EOF).
+            if self.stream is stream:
+                self.stream = None
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, stream: trio.abc.Stream | None = None) -> None:
+        """Write whole frames under the one lock; to ``stream``, else the current one."""
         async with self._send_lock:
-            stream = self.stream
-            if stream is None:
+            target = stream or self.stream
+            if target is None:
                 raise trio.ClosedResourceError("no agent connection")
-            await stream.send_all(data)
+            await target.send_all(data)
 
     async def command(self, msg: Stop | Signal | Ping) -> bool:
         """Send a command to kestrel; False when no connection (or no hello yet) takes it."""
