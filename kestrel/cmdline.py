@@ -209,7 +209,7 @@ class BootConfig(Record):
 
     __slots__ = (
         "manifest_json", "boot", "rootfs_device", "rootfs_fstype", "env", "channel",
-        "ip", "hostname", "stop_grace_s", "stage",
+        "ip", "hostname", "stop_grace_s", "stage", "debug_shell",
     )
     manifest_json: bytes | None
     boot: str
@@ -221,6 +221,7 @@ class BootConfig(Record):
     hostname: str
     stop_grace_s: float | None
     stage: int
+    debug_shell: bool  # kestrel.debug_shell=1: a root shell on the serial console
 
     def __init__(
         self,
@@ -235,12 +236,14 @@ class BootConfig(Record):
         hostname: str = "",
         stop_grace_s: float | None = None,
         stage: int = 1,
+        debug_shell: bool = False,
     ) -> None:
         self.manifest_json = manifest_json
         self.boot, self.rootfs_device, self.rootfs_fstype = boot, rootfs_device, rootfs_fstype
         self.env = env or {}
         self.channel = channel or Channel("vsock", port=DEFAULT_VSOCK_PORT)
         self.ip, self.hostname, self.stop_grace_s, self.stage = ip, hostname, stop_grace_s, stage
+        self.debug_shell = debug_shell
 
 
 def boot_config(text: str) -> BootConfig:
@@ -273,6 +276,11 @@ def boot_config(text: str) -> BootConfig:
         if not 0 <= grace <= 3600:
             raise CmdlineError("kestrel.grace", f"{p['kestrel.grace']!r}: seconds 0..3600")
     hostname = p.get("kestrel.hostname", "") or (ip.hostname if ip else "")
+    shell = p.get("kestrel.debug_shell", "0")
+    if shell not in ("0", "1"):
+        # Strict on purpose: an unauthenticated root shell is never switched
+        # on by a typo's guess.
+        raise CmdlineError("kestrel.debug_shell", f"{shell!r}: expected 1 (on) or 0 (off)")
     return BootConfig(
         manifest_json=manifest,
         boot=boot,
@@ -284,6 +292,7 @@ def boot_config(text: str) -> BootConfig:
         hostname=hostname,
         stop_grace_s=grace,
         stage=2 if p.get("kestrel.stage") == "2" else 1,
+        debug_shell=shell == "1",
     )
 
 
