@@ -319,11 +319,13 @@ class QemuDriver:
     async def open_console_stream(self, spec: LaunchSpec, running: Running) -> trio.abc.Stream:
         """QEMU's connection to the console listener (it dialled at start-up)."""
         listener = self._consoles.pop(spec.name, None)
-        if listener is None:
+        if listener is None or spec.console_socket is None:
             raise VmmError(f"{spec.name}: no console socket (spec.console_socket is unset)")
         async with listener:
             with trio.move_on_after(self.connect_timeout):
-                return await listener.accept()
+                stream = await listener.accept()
+                spec.console_socket.unlink(missing_ok=True)  # one VMM, one connection
+                return stream
         raise VmmError(f"{spec.name}: QEMU did not connect its serial console")
 
     async def powerdown(self, spec: LaunchSpec, running: Running) -> None:
