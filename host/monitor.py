@@ -27,6 +27,7 @@ from host.agentlink import AgentLink
 from host.serialconsole import SerialConsole
 from host.state import Store, agent_kind, proc_start_time
 from host.vmm import Helper, LaunchSpec, Running, SerialConsoleDriver, VmmDriver, VmmError
+from host.vsock import private_listener
 from kestrel.cmdline import CmdlineError, build_cmdline
 from kestrel.manifest import load_manifest
 
@@ -296,16 +297,7 @@ class Monitor:
                 await self.exited.wait()
 
     async def _serve_control(self, nursery: trio.Nursery) -> None:
-        path = self.run_dir / CONTROL_SOCKET
-        path.unlink(missing_ok=True)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        old = os.umask(0o177)  # 0600 from birth: no window where others can connect
-        try:
-            await sock.bind(str(path))
-        finally:
-            os.umask(old)
-        sock.listen(4)
-        listener = trio.SocketListener(sock)
+        listener = await private_listener(self.run_dir / CONTROL_SOCKET)
         await trio.serve_listeners(self._control_client, [listener])
 
     async def _control_client(self, stream: trio.abc.Stream) -> None:

@@ -20,12 +20,13 @@ from host.console import attach
 from host.errors import VolarError
 from host.serialconsole import CONSOLE_SOCKET, SerialConsole
 from host.state import Vm
-from host.vmm import LaunchSpec, Running, SerialConsoleDriver, listen_unix
+from host.vmm import LaunchSpec, Running, SerialConsoleDriver
+from host.vsock import private_listener
 
 
 async def _vmm_pair(tmp_path: Path) -> tuple[trio.SocketStream, trio.SocketStream]:
     """(the guest's side of the serial line, the side the monitor reads)."""
-    listener = await listen_unix(tmp_path / "serial.sock")
+    listener = await private_listener(tmp_path / "serial.sock")
     async with listener:
         guest = await trio.open_unix_socket(str(tmp_path / "serial.sock"))
         monitor = await listener.accept()
@@ -177,7 +178,7 @@ async def test_cloud_hypervisor_console_stream_waits_for_its_socket(tmp_path: Pa
         async with trio.open_nursery() as nursery:
             async def serve_late() -> None:
                 await trio.sleep(0.3)
-                listener = await listen_unix(tmp_path / "serial.sock")
+                listener = await private_listener(tmp_path / "serial.sock")
                 async with listener, await listener.accept() as conn:
                     await conn.send_all(b"ch serial\n")
 
