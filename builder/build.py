@@ -62,6 +62,7 @@ class BuildResult:
     sha256: str
     entries: int
     seconds: float
+    init_mode: str = "default"
 
 
 # fledge's steps go through the CLIs' one output path.
@@ -111,7 +112,7 @@ def build(options: BuildOptions, *, progress: Progress | None = None) -> BuildRe
                                mtime=options.source_date_epoch, file=config.file)
     p.step(f"Initramfs complete: {output} ({size / (1024 * 1024):.1f} MB)")
     return BuildResult(output=output, size=size, sha256=digest, entries=len(tree.entries),
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, init_mode=config.init_mode)
 
 
 def add_agent(tree: ImageTree, config: Config, *, cache: Path, progress: Progress) -> list[Path]:
@@ -162,6 +163,9 @@ def add_busybox(tree: ImageTree, config: Config, *, progress: Progress) -> None:
 
 
 def add_init(tree: ImageTree, config: Config, *, cache: Path, progress: Progress) -> None:
+    # Recorded in every image: volar must know without booting whether an agent answers.
+    tree.add_file(layout.INIT_MODE_FILE, perm=0o644, data=f"{config.init_mode}\n".encode(),
+                  origin="fledge")
     if config.init_mode == "custom":
         assert config.init_path is not None
         progress.step(f"Installing custom init {config.init_path.name} as /init...")

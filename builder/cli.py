@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def _build(args: argparse.Namespace) -> int:
     from builder.build import BuildOptions, Progress, build, source_date_epoch
     from builder.publish import update_manifest
+    from kestrel.layout import agent_of_init_mode
 
     progress = Progress(verbosity=args.verbosity)
     progress.route_logging()
@@ -79,7 +80,7 @@ def _build(args: argparse.Namespace) -> int:
     progress.step(f"sha256:{result.sha256}")
     if args.update_manifest is not None:
         update_manifest(args.update_manifest, image=result.output, url=args.url,
-                        sha256=result.sha256)
+                        sha256=result.sha256, agent=agent_of_init_mode(result.init_mode))
         progress.step(f"Updated {args.update_manifest}")
     return 0
 

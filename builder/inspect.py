@@ -44,7 +44,25 @@ class ImageReport:
         return next((m for m in self.members if m.path == path), None)
 
     @property
+    def recorded_init_mode(self) -> str | None:
+        """The mode fledge wrote into the image; None for images from before it did."""
+        m = self.member(layout.INIT_MODE_FILE)
+        mode = m.data.decode(errors="replace").strip() if m is not None and m.is_file else ""
+        return mode if mode in layout.INIT_MODES else None
+
+    @property
+    def agent(self) -> str:
+        """What the manifest's ``agent`` must say for this image."""
+        mode = self.recorded_init_mode
+        if mode is None:  # an older image: kestrel's presence tells
+            mode = "default" if self.member(layout.AGENT_PATH) is not None else "custom"
+        return layout.agent_of_init_mode(mode)
+
+    @property
     def init_mode(self) -> str:
+        recorded = self.recorded_init_mode
+        if recorded in ("custom", "none"):
+            return f"{recorded} mode: /init is your program, no kestrel"
         init = self.member(layout.INIT_PATH)
         if init is None:
             return "no /init"

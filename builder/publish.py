@@ -26,8 +26,12 @@ def _indent_of(text: str) -> int | str:
 
 
 def update_manifest(manifest: Path, *, image: Path, url: str | None = None,
-                    sha256: str | None = None) -> dict[str, Any]:
-    """Write url (default: the image's absolute path) and checksum into *manifest*."""
+                    sha256: str | None = None, agent: str | None = None) -> dict[str, Any]:
+    """Write url (default: the image's absolute path), checksum and, for an image
+    without kestrel, ``"agent": "none"`` into *manifest*.
+
+    ``agent`` is what the build knows (kestrel | none); without it the image is read.
+    """
     file = str(manifest)
     try:
         text = manifest.read_text(encoding="utf-8")
@@ -48,6 +52,16 @@ def update_manifest(manifest: Path, *, image: Path, url: str | None = None,
         raise ConfigError("initramfs", file, "must be an object")
     section["url"] = url if url is not None else str(image.resolve())
     section["checksum"] = "sha256:" + (sha256 or sha256_file(image))
+    if agent is None:
+        from builder.inspect import ImageReport, read_members
+
+        agent = ImageReport(path=image, compression="", size=0,
+                            members=read_members(image)).agent
+    # volar reads this to wait for no hello from an image that has no kestrel.
+    if agent == "none":
+        data["agent"] = "none"
+    elif data.get("agent") == "none":
+        del data["agent"]
     body = json.dumps(data, indent=_indent_of(text), ensure_ascii=False) + "\n"
     fd, tmp_name = tempfile.mkstemp(dir=manifest.resolve().parent, prefix=f".{manifest.name}.")
     try:

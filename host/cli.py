@@ -17,7 +17,7 @@ from typing import Any
 
 from host import lifecycle
 from host.errors import VolarError
-from host.state import TERMINAL, Store, Vm, default_state_dir
+from host.state import TERMINAL, Store, Vm, agent_kind, default_state_dir
 from kestrel.cliout import Output, VerbosityError, split_verbosity
 from kestrel.manifest import ManifestError
 
@@ -101,7 +101,7 @@ def _vm_summary(vm: Vm) -> dict[str, Any]:
         "name": vm.name, "plugin": vm.plugin, "vmm": vm.vmm, "status": vm.status,
         "address": vm.address, "ip": vm.ip, "mac": vm.mac, "tap": vm.tap,
         "cpus": vm.cpus, "memory_mb": vm.memory_mb, "uptime_s": vm.uptime,
-        "health": vm.health, "detail": vm.detail,
+        "health": vm.health, "detail": vm.detail, "agent": agent_kind(vm),
     }
 
 
@@ -209,25 +209,6 @@ def _logs(store: Store, args: argparse.Namespace) -> None:
         vm = store.vm(args.name)  # a final status still gets one more drain
 
 
-def _console(store: Store, args: argparse.Namespace) -> None:
-    vm = store.vm(args.name)
-    path = Path(vm.console_log or Path(vm.run_dir) / "console.log")
-    try:
-        f = open(path, "rb")  # noqa: SIM115
-    except OSError as exc:
-        raise VolarError(f"no console log for {vm.name} at {path}: {exc.strerror}") from None
-    with f:
-        while True:
-            data = f.read(65536)
-            if data:
-                sys.stdout.buffer.write(data)
-                sys.stdout.buffer.flush()
-                continue
-            if not args.follow or store.vm(vm.name).status in TERMINAL:
-                return
-            time.sleep(0.2)
-
-
 def _stats(store: Store, vm: Vm) -> dict[str, Any]:
     return {"name": vm.name, "status": vm.status, "health": vm.health,
             "uptime_s": vm.uptime, "boot": _boot_timeline(store, vm), "metrics": vm.metrics,
@@ -260,6 +241,7 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
             store, args.name, plugin=args.plugin, cpu=args.cpu, memory=args.memory,
             kernel=args.kernel, vmm=args.vmm, port=args.port, boot_timeout=args.timeout,
             say=args.output.step, channel=args.channel,
+            debug_shell=args.debug_shell,
         )
     elif a == "list":
         vms = store.vms()
@@ -278,7 +260,9 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
     elif a == "logs":
         _logs(store, args)
     elif a == "console":
-        _console(store, args)
+        from host import console
+
+        return console.run(store, args)
     elif a == "stop":
         vm = lifecycle.stop(store, args.name, grace=args.grace)
         args.output.step(f"VM {vm.name} {vm.status}" + (f": {vm.detail}" if vm.detail else ""))
@@ -350,6 +334,8 @@ def _vms_parser(vm: Any) -> None:
     c.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for kestrel")
     c.add_argument("--channel", choices=("vsock", "serial"),
                    help="how kestrel talks to volar: vsock (default) or virtio-serial (QEMU)")
+    c.add_argument("--debug-shell", action="store_true", help="kestrel runs an unauthenticated "
+                   "root shell on the serial console (`vms console NAME`)")
     vm.add_parser("list").add_argument("--json", action="store_true")
     for verb in ("show", "stats"):
         sp = vm.add_parser(verb)
@@ -363,9 +349,11 @@ def _vms_parser(vm: Any) -> None:
     st.add_argument("name")
     st.add_argument("--grace", type=float, default=10.0, help="seconds for the workload")
     vm.add_parser("delete").add_argument("name")
-    co = vm.add_parser("console", help="the serial console log")
+    co = vm.add_parser("console", help="attach to the serial console (Ctrl-] detaches); "
+                       "prints its log with --log or when not on a terminal")
     co.add_argument("name")
-    co.add_argument("-f", "--follow", action="store_true")
+    co.add_argument("--log", action="store_true", help="print the console log instead")
+    co.add_argument("-f", "--follow", action="store_true", help="with the log: keep printing")
 
 
 def _kernel_parser(k: Any) -> None:

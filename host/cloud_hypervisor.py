@@ -81,8 +81,10 @@ class CloudHypervisorDriver:
             "--cpus", f"boot={spec.cpus}",
             "--memory", f"size={spec.memory_mb}M",
             "--kernel", str(spec.kernel),
-            # A file never fills up, so the guest never blocks on its console.
-            "--serial", f"file={console}",
+            # A file never fills up, so the guest never blocks on its console. A
+            # socket is CH's to serve; CH drops the output while nobody is connected.
+            "--serial", (f"socket={spec.console_socket}" if spec.console_socket
+                         else f"file={console}"),
             "--console", "off",
         ]
         if spec.extra.get("tap"):
@@ -97,8 +99,9 @@ class CloudHypervisorDriver:
     async def start(self, spec: LaunchSpec) -> Running:
         prepare_launch(spec, binary=self.binary, install_hint="install cloud-hypervisor")
         api, vsock, console = _paths(spec)
-        for stale in (api, vsock, console):
-            stale.unlink(missing_ok=True)
+        for stale in (api, vsock, console, spec.console_socket):
+            if stale is not None:
+                stale.unlink(missing_ok=True)
         console.touch(mode=0o600)
         if spec.extra.get("tap"):
             ensure_bridge()
@@ -142,6 +145,24 @@ class CloudHypervisorDriver:
             raise VmmError(f"{spec.name}: no vsock listener (start() was not called)")
         return await running.agent_listener.accept(running.process, timeout=self.accept_timeout,
                                                    what=spec.name)
+
+    async def open_console_stream(self, spec: LaunchSpec, running: Running) -> trio.abc.Stream:
+        """Connect to CH's serial socket (``--serial socket=``), once CH has made it."""
+        path = spec.console_socket
+        if path is None:
+            raise VmmError(f"{spec.name}: no console socket (spec.console_socket is unset)")
+        with trio.move_on_after(self.accept_timeout):
+            while running.process.returncode is None:
+                try:
+                    return await trio.open_unix_socket(str(path))
+                except OSError:
+                    await trio.sleep(0.05)  # CH makes the socket while it starts
+        raise VmmError(f"{spec.name}: cloud-hypervisor's serial socket {path} not reachable")
+
+    async def powerdown(self, spec: LaunchSpec, running: Running) -> None:
+        """The ACPI power button through the API (vm.power-button)."""
+        api, _, _ = _paths(spec)
+        await CloudHypervisorApi(api, timeout=self.api_timeout).power_button()
 
     async def shutdown(self, spec: LaunchSpec, running: Running, *, timeout: float) -> None:
         """Power button (ACPI), then vmm.shutdown, then SIGTERM, SIGKILL."""

@@ -100,6 +100,7 @@ def create(
     boot_timeout: float,
     say: Callable[[str], None],
     channel: str | None = None,
+    debug_shell: bool = False,
 ) -> Vm:
     from host import ipam
     from host.plugins import manifest_of
@@ -127,6 +128,9 @@ def create(
     if not 0 <= port <= 65535:
         raise VolarError(f"--port {port}: must be 0..65535")
     channel = _channel(vmm, channel, say)
+    if debug_shell and manifest.agent == "none":
+        raise VolarError(f"--debug-shell: plugin {plugin!r} has no kestrel (agent: none); "
+                         f"its serial console is already the way in (`volar vms console {name}`)")
     cpus = cpu or manifest.resources.cpu_cores
     mem = memory or manifest.resources.memory_mb
     if cpus < 1 or mem < 64:
@@ -137,10 +141,10 @@ def create(
         with store.transaction():
             store.db.execute(
                 "INSERT INTO vms (name, plugin, vmm, status, cpus, memory_mb, kernel, initramfs,"
-                " run_dir, host_port, created_at, channel)"
-                " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                " run_dir, host_port, created_at, channel, agent, debug_shell)"
+                " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, plugin, vmm, cpus, mem, str(kernel_path), row["artifact_path"],
-                 str(run_dir), port, time.time(), channel),
+                 str(run_dir), port, time.time(), channel, manifest.agent, int(debug_shell)),
             )
             store.add_event(name, "status", "pending", "created")
             store.allocate_cid(name)
@@ -160,6 +164,10 @@ def create(
     vm = wait_for_boot(store, name, proc, timeout=boot_timeout + 15)
     where = f"IP {vm.ip}" if vm.ip else f"address {vm.address or '(none published)'}"
     say(f"VM {name} created with {where}")
+    if manifest.agent == "none":
+        say(f"Agent: none (the image has no kestrel): `volar vms console {name}` is the way in")
+    elif debug_shell:
+        say(f"Debug shell: unauthenticated root on the serial console (`volar vms console {name}`)")
     return vm
 
 

@@ -25,8 +25,17 @@ import trio
 from host.agentlink import AgentLink
 from host.lifecycle import CONTROL_SOCKET
 from host.qemu import QEMU_USER_IP
-from host.state import Store, proc_start_time
-from host.vmm import Helper, LaunchSpec, Running, VmmDriver, VmmError, terminate
+from host.serialconsole import SerialConsole
+from host.state import Store, agent_kind, proc_start_time
+from host.vmm import (
+    Helper,
+    LaunchSpec,
+    Running,
+    SerialConsoleDriver,
+    VmmDriver,
+    VmmError,
+    terminate,
+)
 from host.vsock import private_listener
 from kestrel.cmdline import CmdlineError, build_cmdline
 from kestrel.manifest import load_manifest
@@ -96,6 +105,8 @@ class Monitor:
         self.stop_requested = False
         self.stop_forced = ""
         self.helper_failed = ""  # a helper (the vsock backend) died under a live VMM
+        self.agent = agent_kind(self.vm)  # "none": no hello to wait for, ever
+        self.console: SerialConsole | None = None
 
     # --- launch -----------------------------------------------------------
 
@@ -113,6 +124,7 @@ class Monitor:
                 "volant.runtime": self.plugin["runtime"],
                 "kestrel.hostname": self.name,
                 "ip": ip,
+                **({"kestrel.debug_shell": "1"} if vm.debug_shell else {}),
             },
         )
         extra = {k: v for k, v in (("ip", vm.ip), ("mac", vm.mac), ("tap", vm.tap),
@@ -128,6 +140,8 @@ class Monitor:
             guest_port=guest_port(self.plugin["manifest_json"]),
             host_port=vm.host_port,
             extra=extra,
+            console_socket=(self.run_dir / "serial.sock"
+                            if isinstance(driver, SerialConsoleDriver) else None),
         )
 
     async def run(self) -> None:
@@ -171,8 +185,17 @@ class Monitor:
             nursery.start_soon(self._wait_vmm, nursery.cancel_scope)
             for helper in running.helpers:
                 nursery.start_soon(self._watch_helper, helper)
-            nursery.start_soon(self.link.run, self.driver, spec, running, self.exited)
-            nursery.start_soon(self._boot_deadline)
+            if spec.console_socket is not None:
+                self.console = SerialConsole(self.run_dir, running.console_log)
+                nursery.start_soon(self._serve_console, spec, running)
+            if self.agent == "none":
+                # Nothing inside will ever say hello: the VMM being up is all there is.
+                self.link.drained.set()
+                store.set_status(name, "running", f"{self.driver.name} up; agent: none "
+                                 "(the image has no kestrel)")
+            else:
+                nursery.start_soon(self.link.run, self.driver, spec, running, self.exited)
+                nursery.start_soon(self._boot_deadline)
             nursery.start_soon(self._serve_control, nursery)
             nursery.start_soon(self._signals, nursery)
         with trio.CancelScope(shield=True):
@@ -195,10 +218,22 @@ class Monitor:
         assert self.running is not None
         self.exit_code = await self.running.process.wait()
         self.exited.set()
-        # Give the agent link a moment to drain what the guest wrote last.
+        # Give the agent link and the console a moment to drain what the guest wrote last.
         with trio.move_on_after(2.0):
             await self.link.drained.wait()
+            if self.console is not None:
+                await self.console.done.wait()
         scope.cancel()
+
+    async def _serve_console(self, spec: LaunchSpec, running: Running) -> None:
+        assert self.console is not None and isinstance(self.driver, SerialConsoleDriver)
+        driver = self.driver
+        try:
+            await self.console.run(lambda: driver.open_console_stream(spec, running))
+        except (VmmError, OSError) as exc:
+            # The VM runs on without an interactive console; say so once.
+            print(f"monitor: serial console: {exc}", flush=True)
+            self.store.add_event(self.name, "console", "unavailable", str(exc))
 
     async def _boot_deadline(self) -> None:
         with trio.move_on_after(self.boot_timeout):
@@ -218,12 +253,35 @@ class Monitor:
             return
         self.stop_requested = True
         self.store.set_status(self.name, "stopping", f"stop requested (grace {grace:g} s)")
-        if await self.link.send_stop(grace):
+        if self.agent == "none":
+            await self._power_button(grace)
+        elif await self.link.send_stop(grace):
             with trio.move_on_after(grace + STOP_MARGIN_S):
                 await self.exited.wait()
                 return
             self.stop_forced = f"guest did not power off within {grace + STOP_MARGIN_S:g} s"
         await self._kill_vmm()
+
+    async def _power_button(self, grace: float) -> None:
+        """No agent to ask: press the ACPI power button and give the guest the grace.
+
+        Only a guest that handles the button powers off (the kernel's button
+        driver plus an init that reacts); any other is killed after the grace.
+        """
+        assert self.driver is not None and self.spec is not None and self.running is not None
+        if not isinstance(self.driver, SerialConsoleDriver):
+            self.stop_forced = f"{self.driver.name} has no power button"
+            return
+        try:
+            await self.driver.powerdown(self.spec, self.running)
+        except (VmmError, OSError) as exc:
+            self.stop_forced = f"power button failed ({exc})"
+            return
+        with trio.move_on_after(grace):
+            await self.exited.wait()
+            return
+        self.stop_forced = (f"the guest did not power off within {grace:g} s of the ACPI "
+                            "power button; killed it")
 
     async def _kill_vmm(self) -> None:
         """The VMM's own shutdown, then SIGTERM, then SIGKILL."""
@@ -291,6 +349,9 @@ class Monitor:
                 "stopped on request")
         elif code == 0 and (link.poweroff or link.exit_seen):
             status, detail = "stopped", "guest powered off"
+        elif code == 0 and self.agent == "none" and self.running is not None and (
+                "Kernel panic" not in console_tail(self.running.console_log)):
+            status, detail = "stopped", "guest powered off (agent: none)"
         else:
             status = "crashed"
             detail = f"VMM exited with code {code} without a power-off report from kestrel"

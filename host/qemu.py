@@ -30,6 +30,7 @@ from host.vsock import (
     BACKEND_SOCKET,
     AgentListener,
     hybrid_socket,
+    private_listener,
     require_backend,
     start_backend,
 )
@@ -93,6 +94,7 @@ class QemuDriver:
     # How kestrel reaches the host: vsock (production's path) or virtio-serial.
     channel: str = "vsock"
     guest_cid: int = FIRST_GUEST_CID
+    _consoles: dict[str, trio.SocketListener] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.machine not in MACHINES:
@@ -183,7 +185,11 @@ class QemuDriver:
             "-initrd", str(spec.initramfs),
             "-append", self.guest_cmdline(spec),
             # A file never fills up, so the guest can never block on its console.
-            "-chardev", f"file,id=con0,path={run / 'console.log'}",
+            # With a console socket QEMU is the client of the monitor's listener:
+            # it connects at start-up (nothing is lost before), and once nobody
+            # reads any more its writes fail and the UART drops the bytes.
+            "-chardev", (f"socket,id=con0,path={spec.console_socket}" if spec.console_socket
+                         else f"file,id=con0,path={run / 'console.log'}"),
             "-serial", "chardev:con0",
             *self._channel_args(spec),
             "-netdev", netdev,
@@ -211,6 +217,9 @@ class QemuDriver:
         listener: AgentListener | None = None
         helpers: list[Helper] = []
         try:
+            if spec.console_socket is not None:
+                # QEMU dials it while starting: it must listen before the launch.
+                self._consoles[spec.name] = await private_listener(spec.console_socket)
             if backend is not None:
                 # Listen first: the guest may connect as soon as its driver loads.
                 listener = await AgentListener.open(hybrid_socket(spec.run_dir), VSOCK_PORT)
@@ -230,6 +239,9 @@ class QemuDriver:
                     await helper.stop()
                 if listener is not None:
                     await listener.aclose()
+                serial = self._consoles.pop(spec.name, None)
+                if serial is not None:
+                    await serial.aclose()
             raise
         running = Running(process=process, console_log=console, helpers=helpers,
                           agent_listener=listener)
@@ -304,6 +316,26 @@ class QemuDriver:
             raise self._qemu_failure(spec, running)
         raise VmmError(f"{spec.name}: agent socket {path} not reachable "
                        f"within {self.connect_timeout:.0f} s")
+
+    async def open_console_stream(self, spec: LaunchSpec, running: Running) -> trio.abc.Stream:
+        """QEMU's connection to the console listener (it dialled at start-up)."""
+        listener = self._consoles.pop(spec.name, None)
+        if listener is None or spec.console_socket is None:
+            raise VmmError(f"{spec.name}: no console socket (spec.console_socket is unset)")
+        async with listener:
+            with trio.move_on_after(self.connect_timeout):
+                stream = await listener.accept()
+                spec.console_socket.unlink(missing_ok=True)  # one VMM, one connection
+                return stream
+        raise VmmError(f"{spec.name}: QEMU did not connect its serial console")
+
+    async def powerdown(self, spec: LaunchSpec, running: Running) -> None:
+        """The ACPI power button (QMP system_powerdown); the guest decides what to do."""
+        try:
+            async with await QmpClient.connect(spec.run_dir / "qmp.sock", timeout=5.0) as qmp:
+                await qmp.powerdown()
+        except QmpError as exc:
+            raise VmmError(f"{spec.name}: power button: {exc}") from None
 
     async def shutdown(self, spec: LaunchSpec, running: Running, *, timeout: float) -> None:
         """QMP quit, then SIGTERM, then SIGKILL; returns once QEMU and its backend are gone."""

@@ -108,6 +108,12 @@ MIGRATIONS: list[str] = [
     UPDATE vms SET channel = CASE vmm WHEN 'qemu' THEN 'serial' ELSE 'vsock' END;
     CREATE UNIQUE INDEX vms_guest_cid ON vms (guest_cid) WHERE guest_cid > 0;
     """,
+    # 4: what answers inside the VM (kestrel | none, from the plugin's manifest at
+    # create) and whether kestrel was asked for its debug shell.
+    """
+    ALTER TABLE vms ADD COLUMN agent TEXT NOT NULL DEFAULT 'kestrel';
+    ALTER TABLE vms ADD COLUMN debug_shell INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 # linux/vm_sockets.h: CIDs 0-2 are the hypervisor, local and the host.
 FIRST_GUEST_CID = 3
@@ -170,6 +176,12 @@ class Vm:
     @property
     def metrics(self) -> dict[str, Any]:
         return dict(json.loads(self.row["metrics_json"] or "{}"))
+
+
+def agent_kind(vm: Vm) -> str:
+    """"kestrel", or "none" for an image without an agent (custom/none init):
+    nothing inside such a VM answers the agent protocol (no exec, no logs)."""
+    return str(vm.row.get("agent") or "kestrel")
 
 
 class Store:

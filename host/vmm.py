@@ -12,7 +12,7 @@ import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import trio
 
@@ -41,6 +41,9 @@ class LaunchSpec:
     host_port: int = 0
     disks: tuple[Path, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+    # The serial console as a byte stream (open_console_stream) instead of a
+    # log file: whoever runs the VM then drains it and writes the log.
+    console_socket: Path | None = None
 
 
 def prepare_launch(spec: LaunchSpec, *, binary: str, install_hint: str) -> None:
@@ -132,4 +135,18 @@ class VmmDriver(Protocol):
 
     async def shutdown(self, spec: LaunchSpec, running: Running, *, timeout: float) -> None:
         """Ask the VMM itself to stop (QMP quit, CH vmm.shutdown); then signals."""
+        ...
+
+
+@runtime_checkable
+class SerialConsoleDriver(Protocol):
+    """A driver that can hand the serial console over as a stream and press the
+    guest's power button (what a VM without kestrel is stopped and reached with)."""
+
+    async def open_console_stream(self, spec: LaunchSpec, running: Running) -> trio.abc.Stream:
+        """The serial line, both ways (spec.console_socket must be set)."""
+        ...
+
+    async def powerdown(self, spec: LaunchSpec, running: Running) -> None:
+        """Ask the guest to power off (ACPI power button); returns at once."""
         ...

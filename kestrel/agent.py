@@ -378,6 +378,10 @@ async def run(agent: Agent, child: Child | None, error: SpawnError | None,
         # Handlers exist now: let the signals main.py blocked come in.
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         nursery.start_soon(agent.channel_loop, nursery)
+        if agent.cfg.debug_shell:
+            from kestrel import debugshell
+
+            nursery.start_soon(debugshell.run, agent.reaper, agent.workload_env, console)
         if fatal is not None:
             agent.emit(Fatal(message=fatal))
             agent.set_state("failed", fatal)

@@ -209,7 +209,7 @@ class BootConfig(Record):
 
     __slots__ = (
         "manifest_json", "boot", "rootfs_device", "rootfs_fstype", "env", "channel",
-        "ip", "hostname", "stop_grace_s",
+        "ip", "hostname", "stop_grace_s", "debug_shell",
     )
     manifest_json: bytes | None
     boot: str
@@ -220,6 +220,7 @@ class BootConfig(Record):
     ip: IpConfig | None
     hostname: str
     stop_grace_s: float | None
+    debug_shell: bool  # kestrel.debug_shell=1: a root shell on the serial console
 
     def __init__(
         self,
@@ -233,12 +234,14 @@ class BootConfig(Record):
         ip: IpConfig | None = None,
         hostname: str = "",
         stop_grace_s: float | None = None,
+        debug_shell: bool = False,
     ) -> None:
         self.manifest_json = manifest_json
         self.boot, self.rootfs_device, self.rootfs_fstype = boot, rootfs_device, rootfs_fstype
         self.env = env or {}
         self.channel = channel or Channel("vsock", port=DEFAULT_VSOCK_PORT)
         self.ip, self.hostname, self.stop_grace_s = ip, hostname, stop_grace_s
+        self.debug_shell = debug_shell
 
 
 def boot_config(text: str) -> BootConfig:
@@ -271,6 +274,11 @@ def boot_config(text: str) -> BootConfig:
         if not 0 <= grace <= 3600:
             raise CmdlineError("kestrel.grace", f"{p['kestrel.grace']!r}: seconds 0..3600")
     hostname = p.get("kestrel.hostname", "") or (ip.hostname if ip else "")
+    shell = p.get("kestrel.debug_shell", "0")
+    if shell not in ("0", "1"):
+        # Strict on purpose: an unauthenticated root shell is never switched
+        # on by a typo's guess.
+        raise CmdlineError("kestrel.debug_shell", f"{shell!r}: expected 1 (on) or 0 (off)")
     return BootConfig(
         manifest_json=manifest,
         boot=boot,
@@ -281,6 +289,7 @@ def boot_config(text: str) -> BootConfig:
         ip=ip,
         hostname=hostname,
         stop_grace_s=grace,
+        debug_shell=shell == "1",
     )
 
 

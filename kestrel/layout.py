@@ -16,6 +16,17 @@ AGENT_PATH = "/bin/kestrel"  # what the shim execs
 INIT_PATH = "/init"  # what the kernel runs from an initramfs
 # One module path per line, relative to /lib/modules/<release>/, in load order.
 MODULES_LOAD_LIST = "/etc/kestrel/modules.load"
+# fledge's init mode (default | custom | none), one word: the host reads it to
+# know whether kestrel will answer (custom and none images have no agent).
+INIT_MODE_FILE = "/etc/kestrel/init-mode"
+INIT_MODES = ("default", "custom", "none")
+
+
+def agent_of_init_mode(mode: str) -> str:
+    """The manifest's ``agent`` for an image built in ``mode``."""
+    return "kestrel" if mode == "default" else "none"
+
+
 # The virtio-serial port name of the agent channel under QEMU.
 SERIAL_PORT_NAME = "org.kestrel.agent.0"
 # vsock port kestrel connects to on the host (CID 2) by default: the

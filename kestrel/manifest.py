@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 WORKLOAD_TYPES = ("http", "exec", "grpc")
+# kestrel extension ``agent``: what answers on the agent channel. "none" is an
+# image without kestrel (fledge's custom and none init modes): the host then
+# waits for no hello and stops the VM through the VMM (ACPI, then a kill).
+AGENT_KINDS = ("kestrel", "none")
 RESTART_POLICIES = ("never", "on-failure", "always")
 
 
@@ -166,7 +170,7 @@ class HealthCheck(Record):
 class Manifest(Record):
     __slots__ = (
         "name", "version", "runtime", "enabled", "initramfs", "rootfs", "resources",
-        "workload", "health_check", "raw",
+        "workload", "health_check", "agent", "raw",
     )
     name: str
     version: str
@@ -177,6 +181,7 @@ class Manifest(Record):
     resources: Resources
     workload: Workload | None
     health_check: HealthCheck | None
+    agent: str  # one of AGENT_KINDS
     raw: dict[str, Any]  # the document as given, for the host to store and re-encode
 
     def __init__(
@@ -191,12 +196,14 @@ class Manifest(Record):
         resources: Resources | None = None,
         workload: Workload | None = None,
         health_check: HealthCheck | None = None,
+        agent: str = "kestrel",
         raw: dict[str, Any] | None = None,
     ) -> None:
         self.name, self.version, self.runtime, self.enabled = name, version, runtime, enabled
         self.initramfs, self.rootfs = initramfs, rootfs
         self.resources = resources or Resources()
         self.workload, self.health_check = workload, health_check
+        self.agent = agent
         self.raw = raw if raw is not None else {}
 
     def _fields(self) -> tuple[object, ...]:
@@ -415,6 +422,9 @@ def parse_manifest(obj: Any) -> Manifest:
     )
     workload = _workload(d["workload"]) if d.get("workload") is not None else None
     health = _health(d["health_check"]) if d.get("health_check") is not None else None
+    agent = _str(d, "agent", "") or "kestrel"
+    if agent not in AGENT_KINDS:
+        raise ManifestError("agent", f"{agent!r}: expected one of {', '.join(AGENT_KINDS)}")
     return Manifest(
         name=name,
         version=version,
@@ -425,6 +435,7 @@ def parse_manifest(obj: Any) -> Manifest:
         resources=resources,
         workload=workload,
         health_check=health,
+        agent=agent,
         raw=d,
     )
 

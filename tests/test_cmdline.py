@@ -345,6 +345,16 @@ def test_boot_keys() -> None:
     assert defaults.stop_grace_s is None
 
 
+def test_debug_shell_is_off_unless_asked_for() -> None:
+    assert boot_config("").debug_shell is False
+    assert boot_config("kestrel.debug_shell=0").debug_shell is False
+    assert boot_config("kestrel.debug_shell=1").debug_shell is True
+    line = build_cmdline(manifest_json=b'{"name":"x","version":"1","initramfs":{"url":"/x"}}',
+                         channel=Channel("serial", name="p"),
+                         extra={"kestrel.debug_shell": "1"})
+    assert boot_config(line).debug_shell is True
+
+
 @pytest.mark.parametrize(
     ("line", "key"),
     [
@@ -355,6 +365,8 @@ def test_boot_keys() -> None:
         ("kestrel.grace=-1", "kestrel.grace"),
         ("kestrel.grace=nan", "kestrel.grace"),
         ("kestrel.grace=inf", "kestrel.grace"),
+        ("kestrel.debug_shell=yes", "kestrel.debug_shell"),
+        ("kestrel.debug_shell", "kestrel.debug_shell"),
     ],
 )
 def test_bad_boot_keys_name_themselves(line: str, key: str) -> None:

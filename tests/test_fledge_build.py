@@ -130,6 +130,7 @@ def test_custom_init_seeds_put_the_program_at_init_without_kestrel(
     assert image["/init"].data == SCRIPT and image["/init"].perm == 0o755
     assert "/bin/kestrel" not in image and "/sbin/init" not in image
     assert "/etc/kestrel/modules.load" not in image
+    assert image["/etc/kestrel/init-mode"].data == b"custom\n"  # volar: no agent to wait for
     if name == "custom_init.toml":
         assert image["/usr/bin/myapp"].perm == 0o755
 
@@ -145,6 +146,7 @@ def test_none_mode_seeds_make_the_mapped_program_pid1(
     assert image["/init"].data == bb.read_bytes()
     assert image["/init"].perm == 0o755
     assert "/bin/kestrel" not in image
+    assert image["/etc/kestrel/init-mode"].data == b"none\n"
 
 
 def _local_project(tmp_path: Path) -> Path:

@@ -91,6 +91,32 @@ def test_manifest_update_command_with_url(project: Path) -> None:
     assert data["initramfs"]["checksum"] == f"sha256:{sha256(project / 'plugin.cpio.gz')}"
 
 
+CUSTOM_TOML = ('version = "1"\nstrategy = "initramfs"\n[source]\nbusybox_url = "x"\n'
+               '[init]\npath = "init.sh"\nmappings = { "init.sh" = "/init" }\n')
+
+
+def test_an_image_without_kestrel_publishes_agent_none(project: Path) -> None:
+    """volar must learn from the manifest that no hello will ever come."""
+    custom = project / "custom"
+    write_project(custom, offline_busybox(CUSTOM_TOML), {"init.sh": b"#!/bin/sh\nexec sh\n"})
+    manifest = project / "manifest/app.json"
+    proc = run_fledge(["build", "-q", "--update-manifest", str(manifest)], cwd=custom,
+                      cache=project / ".c")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(manifest.read_text())["agent"] == "none"
+    # The same answer from the image alone (manifest update reads its init-mode file).
+    manifest.write_text(json.dumps(MANIFEST, indent=2) + "\n")
+    proc = run_fledge(["manifest", "update", str(manifest), "--image", "plugin.cpio.gz"],
+                      cwd=custom, cache=project / ".c")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(manifest.read_text())["agent"] == "none"
+    # Rebuilt with kestrel, the manifest stops saying none.
+    proc = run_fledge(["build", "-q", "--update-manifest", str(manifest)], cwd=project,
+                      cache=project / ".c")
+    assert proc.returncode == 0, proc.stderr
+    assert "agent" not in json.loads(manifest.read_text())
+
+
 def test_manifest_update_errors_are_one_line(project: Path) -> None:
     proc = run_fledge(["manifest", "update", "manifest/app.json", "--image", "gone.cpio.gz"],
                       cwd=project, cache=project / ".c")

@@ -293,3 +293,21 @@ def test_control_socket_is_private(installed: Volar, kernel: Path) -> None:
         assert run_dir.stat().st_mode & 0o777 == 0o700
     finally:
         installed.ok("vms", "delete", "caddy-demo")
+
+
+def test_agentless_plugin_is_running_at_once_and_refuses_a_debug_shell(
+        volar: Volar, tmp_path: Path, kernel: Path) -> None:
+    """agent: none (a custom-init image): no hello is awaited, even from a silent guest."""
+    volar.ok("plugins", "install", "--manifest", str(write_plugin(
+        tmp_path / "p", env={"FAKE_SILENT": "1"}, extra={"agent": "none"})))
+    r = volar("vms", "create", "nokestrel", "--plugin", "caddy", "--kernel", str(kernel),
+              "--vmm", FAKE_VMM, "--debug-shell")
+    assert r.code == 1 and "--debug-shell" in r.err and "agent: none" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    out = _create(volar, kernel, "nokestrel")
+    assert "Agent: none" in out
+    info = volar.json("vms", "show", "nokestrel")
+    assert (info["status"], info["agent"]) == ("running", "none")
+    stopped = volar.ok("vms", "stop", "nokestrel", "--grace", "1")
+    assert stopped.startswith("VM nokestrel stopped")
+    assert volar.json("vms", "show", "nokestrel")["vmm_pid"] == 0

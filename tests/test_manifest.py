@@ -60,6 +60,16 @@ def test_runtime_defaults_to_name_and_enabled_to_true() -> None:
     assert m.runtime == "caddy" and m.enabled is True
 
 
+def test_agent_defaults_to_kestrel_and_none_is_explicit() -> None:
+    assert parse_manifest(caddy()).agent == "kestrel"
+    doc = caddy()
+    doc["agent"] = "none"
+    del doc["workload"], doc["health_check"]  # a custom init needs neither
+    assert parse_manifest(doc).agent == "none"
+    doc["agent"] = "systemd"
+    assert error_field(doc) == "agent"
+
+
 def test_rootfs_alone_is_enough() -> None:
     doc = caddy()
     del doc["initramfs"]
