@@ -240,7 +240,7 @@ class Monitor:
                 print(f"monitor: {exc}", flush=True)
 
     async def _serve_control(self, nursery: trio.Nursery) -> None:
-        listener = await private_listener(self.run_dir / CONTROL_SOCKET, backlog=4)
+        listener = await private_listener(self.run_dir / CONTROL_SOCKET, backlog=64)  # ten concurrent execs must not find it full
         await trio.serve_listeners(self._control_client, [listener])
 
     async def _control_client(self, stream: trio.abc.Stream) -> None:

@@ -2,7 +2,7 @@
 
 Roles live in their own modules: the Outbox (framing, backpressure, replay),
 the Supervisor (the workload: run, pump, stop, restart by a pure decision),
-the Reaper (the only waiter) and the exec sessions. This module owns the
+the Reaper (the only waiter) and the exec sessions (ExecSessions). This module owns the
 nursery and the tasks between them: the host channel, signal forwarding,
 heartbeats/metrics and eth0 setup. ``run`` returns when the VM should power
 off; main.py does the power-off.
@@ -19,6 +19,8 @@ from kestrel import __version__
 from kestrel.channel import ChannelMissing, Transport
 from kestrel.cmdline import BootConfig
 from kestrel.console import console, uptime
+from kestrel.execproto import EXEC_MESSAGES
+from kestrel.execsession import ExecSessions
 from kestrel.manifest import Manifest
 from kestrel.outbox import Outbox
 from kestrel.protocol import Attach, Fatal, GuestSession, Heartbeat, Metrics, Signal, Stop, Timeline
@@ -59,6 +61,7 @@ class Agent:
             grace_s = manifest.workload.stop_grace_ms / 1000
         self.supervisor = Supervisor(self.outbox, self.reaper, manifest, grace_s=grace_s,
                                      workload_env=workload_env)
+        self.execs = ExecSessions(self.outbox, self.reaper, workload_env)
         self._announced = False
 
     # --- the channel --------------------------------------------------------
@@ -73,6 +76,8 @@ class Agent:
                     nursery.start_soon(self.supervisor.stop, signal.SIGTERM, cmd.grace_s)
                 elif isinstance(cmd, Signal):
                     self.supervisor.forward(cmd.signum)
+                elif isinstance(cmd, EXEC_MESSAGES):
+                    self.execs.handle(cmd)
                 elif isinstance(cmd, Attach) and not self._announced:
                     self._announced = True
                     console("host attached")
@@ -97,6 +102,7 @@ class Agent:
             except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             self.outbox.detach()
+            self.execs.hangup_all()  # sessions belong to the connection that opened them
             if not transport.persistent:
                 await stream.aclose()
             await trio.sleep(0.1)
@@ -154,6 +160,7 @@ async def run(agent: Agent, child: Child | None, error: SpawnError | None,
             agent.reaper.watch(child.pid)
         await nursery.start(agent.reaper.run)
         await nursery.start(agent.signal_loop, nursery)
+        await nursery.start(agent.execs.run)
         # Handlers exist now: let the signals main.py blocked come in.
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         nursery.start_soon(agent.channel_loop, nursery)
