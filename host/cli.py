@@ -279,6 +279,10 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
         _logs(store, args)
     elif a == "console":
         _console(store, args)
+    elif a in ("exec", "shell"):
+        from host import execcli
+
+        return (execcli.cmd_exec if a == "exec" else execcli.cmd_shell)(store, args)
     elif a == "stop":
         vm = lifecycle.stop(store, args.name, grace=args.grace)
         args.output.step(f"VM {vm.name} {vm.status}" + (f": {vm.detail}" if vm.detail else ""))
@@ -363,6 +367,15 @@ def _vms_parser(vm: Any) -> None:
     st.add_argument("name")
     st.add_argument("--grace", type=float, default=10.0, help="seconds for the workload")
     vm.add_parser("delete").add_argument("name")
+    ex = vm.add_parser("exec", help="run a command in a running VM (docker exec style)")
+    ex.add_argument("-i", "--interactive", action="store_true", help="send stdin")
+    ex.add_argument("-t", "--tty", action="store_true", help="a terminal for the command")
+    ex.add_argument("-e", "--env", action="append", metavar="K=V")
+    ex.add_argument("-w", "--workdir", default="/", metavar="DIR")
+    ex.add_argument("-u", "--user", default="", metavar="UID[:GID]")
+    ex.add_argument("name")
+    ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG]...")
+    vm.add_parser("shell", help="an interactive /bin/sh in a running VM").add_argument("name")
     co = vm.add_parser("console", help="the serial console log")
     co.add_argument("name")
     co.add_argument("-f", "--follow", action="store_true")
