@@ -45,6 +45,8 @@ from kestrel.reaper import Reaper
 from kestrel.spawn import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, resolve
 
 HANGUP_GRACE_S = 5.0
+COALESCE_BELOW = 16 * 1024
+COALESCE_S = 0.005
 DRAIN_S = 2.0  # a background child holding the output must not hold the exit status
 _ERR = struct.Struct("=ii")  # (stage, errno) from the child when exec fails
 _STAGES = ("exec", "cwd", "credentials", "terminal")
@@ -287,6 +289,11 @@ class ExecSessions:
                 return
             s.send.take(len(data))
             self.outbox.emit(ExecData(id=s.id, stream=name, data=bytes(data)))
+            if len(data) < COALESCE_BELOW:
+                # A producer writing 4 KiB at a time would cost a frame (and,
+                # under TCG, milliseconds of agent time) per write: let the
+                # pipe fill a moment. Invisible at a terminal.
+                await trio.sleep(COALESCE_S)
 
     async def _feed(self, s: Session) -> None:
         """Host stdin into the process; credit back for what it took."""
