@@ -33,10 +33,15 @@ from kestrel.execproto import (
     ExecOpen,
     ExecResize,
     ExecSignal,
+    ExecStarted,
     ReceiveWindow,
     SendWindow,
 )
 from kestrel.protocol import FrameDecoder, Message, ProtocolError, encode
+
+# kestrel answers an open at once (started, or exit 126/127); silence means a
+# guest that does not speak exec (a kestrel older than it, no kestrel at all).
+OPEN_TIMEOUT_S = 30.0
 
 
 class ExecError(VolarError):
@@ -52,6 +57,7 @@ class ExecStatus:
     signal: int | None
     message: str  # "exited N", "killed by SIGKILL (status 137)", or why it never started
     started: bool  # False: the program was missing (127) or not executable (126)
+    pid: int  # in the guest; 0 when it never started
 
 
 class ExecSession:
@@ -63,6 +69,8 @@ class ExecSession:
         self._received = ReceiveWindow()
         self._out_send, self._out = trio.open_memory_channel[tuple[str, bytes]](math.inf)
         self._done = trio.Event()
+        self._opened = trio.Event()
+        self.pid = 0  # the program's pid in the guest, once it runs
         self._status: ExecStatus | None = None
         self._error = ""
 
@@ -142,6 +150,7 @@ class ExecSession:
             self._error = f"connection to the VM's monitor lost: {exc}"
         finally:
             self._done.set()
+            self._opened.set()
             self._credit.set()
 
     def _on(self, m: Message) -> None:
@@ -150,13 +159,18 @@ class ExecSession:
         elif isinstance(m, ExecCredit):
             self._stdin.grant(m.bytes)
             self._credit.set()
+        elif isinstance(m, ExecStarted):
+            self.pid = m.pid
+            self._opened.set()
         elif isinstance(m, ExecExit):
             self._status = ExecStatus(status=m.status, code=m.code, signal=m.signal,
-                                      message=m.message, started=m.pid != 0)
+                                      message=m.message, started=m.pid != 0, pid=m.pid)
             self._done.set()
+            self._opened.set()
         elif isinstance(m, ExecAbort):
             self._error = m.message
             self._done.set()
+            self._opened.set()
 
 
 @asynccontextmanager
@@ -171,6 +185,7 @@ async def open_exec(
     tty: bool = False,
     rows: int = 24,
     cols: int = 80,
+    open_timeout: float = OPEN_TIMEOUT_S,
 ) -> AsyncIterator[ExecSession]:
     """A session for ``argv`` (``env``: ``K=V`` strings) in the VM behind ``control_socket``."""
     try:
@@ -192,6 +207,11 @@ async def open_exec(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session._receive)
             try:
+                with trio.move_on_after(open_timeout) as waited:
+                    await session._opened.wait()
+                if waited.cancelled_caught:
+                    raise ExecError(f"no answer from kestrel within {open_timeout:g} s "
+                                    "(does the image's kestrel support exec?)")
                 yield session
             except BaseException as exc:
                 raised = exc

@@ -4,8 +4,9 @@ A host opens a session with ``exec_open`` (an id it chose, argv, env, cwd,
 uid/gid, and a terminal or pipes). Then ``exec_data`` frames carry stdin
 (host -> guest) and stdout/stderr, or the one PTY stream as ``stdout``
 (guest -> host); empty data is end of file. ``exec_resize``, ``exec_signal``
-and ``exec_close`` (the host's user is gone: hang up) steer it; the guest
-ends it with ``exec_exit`` (the status in both forms) or ``exec_abort`` (no
+and ``exec_close`` (the host's user is gone: hang up) steer it. The guest
+says ``exec_started`` with the pid once the program runs, and ends the
+session with ``exec_exit`` (the status in both forms) or ``exec_abort`` (no
 process, no status: a bad request).
 
 Sessions are live traffic: not sequenced, never replayed. They are bound to
@@ -95,6 +96,15 @@ class ExecClose(Message):
 
 
 @dataclass(slots=True)
+class ExecStarted(Message):
+    """The program runs (exec succeeded) as ``pid``, in the guest's PID namespace."""
+
+    TYPE: ClassVar[str] = "exec_started"
+    id: int = 0
+    pid: int = 0
+
+
+@dataclass(slots=True)
 class ExecExit(Message):
     """The end: raw form (code or signal) and shell form; pid 0 if it never started."""
 
@@ -117,7 +127,8 @@ class ExecAbort(Message):
 
 
 EXEC_MESSAGES: tuple[type[Message], ...] = (
-    ExecOpen, ExecData, ExecCredit, ExecResize, ExecSignal, ExecClose, ExecExit, ExecAbort,
+    ExecOpen, ExecData, ExecCredit, ExecResize, ExecSignal, ExecClose, ExecStarted, ExecExit,
+    ExecAbort,
 )
 register(*EXEC_MESSAGES)
 

@@ -35,6 +35,7 @@ from kestrel.execproto import (
     ExecOpen,
     ExecResize,
     ExecSignal,
+    ExecStarted,
     ReceiveWindow,
     SendWindow,
     check_open,
@@ -240,6 +241,7 @@ class ExecSessions:
             s = Session(msg.id, pid, False, [("stdout", streams[1]), ("stderr", streams[2])],
                         streams[0])
         self.sessions[msg.id] = s
+        self.outbox.emit(ExecStarted(id=msg.id, pid=pid))
         console(f"exec: session {msg.id} pid {pid}: {' '.join(msg.argv)[:200]}")
         self._nursery.start_soon(self._run, s)
 

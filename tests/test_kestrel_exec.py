@@ -67,7 +67,7 @@ async def test_exec_statuses_in_both_forms_and_127_126_naming_the_program() -> N
     status, out, err = got["7"]
     assert (status.status, status.code, status.signal, out, err) == (7, 7, None, b"out\n",
                                                                       b"err\n")
-    assert status.message == "exited 7" and status.started
+    assert status.message == "exited 7" and status.started and status.pid > 1
     status = got["kill"][0]
     assert (status.status, status.code, status.signal) == (137, None, signal.SIGKILL)
     assert "SIGKILL" in status.message
@@ -290,3 +290,23 @@ async def test_100_mb_of_output_is_flow_controlled_and_the_workload_keeps_loggin
     assert got["bytes"] == total and got["status"].status == 0
     assert got["paused_rss_kb"] < 8 * 1024, got
     assert got["ticks_during"] > 0
+
+
+async def test_a_guest_that_never_answers_an_open_is_one_error_not_a_hang(tmp_path: Path
+                                                                          ) -> None:
+    # A control socket whose far side reads and says nothing (a kestrel without exec).
+    path = tmp_path / "control.sock"
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(1)
+
+    async def silent(stream: trio.SocketStream) -> None:
+        while await stream.receive_some(65536):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, silent, [trio.SocketListener(sock)])
+        with pytest.raises(ExecError, match="no answer from kestrel"):
+            async with open_exec(path, ["true"], open_timeout=0.5):
+                raise AssertionError("opened without an answer")
+        nursery.cancel_scope.cancel()
