@@ -69,8 +69,8 @@ def _user(text: str) -> tuple[int, int]:
 def _socket(store: Store, name: str) -> Path:
     vm = store.vm(name)
     if vm.status not in RUNNING:
-        hint = " (it is still starting)" if vm.status in ("pending", "starting") else ""
-        raise ExecError(f"vms exec {name}: the VM is {vm.status}{hint}; exec needs a running VM")
+        hint = "; try again once it is running" if vm.status in ("pending", "starting") else ""
+        raise ExecError(f"vms exec {name}: the VM is {vm.status}, exec needs a running VM{hint}")
     return Path(vm.run_dir) / CONTROL_SOCKET
 
 

@@ -310,3 +310,35 @@ async def test_a_guest_that_never_answers_an_open_is_one_error_not_a_hang(tmp_pa
             async with open_exec(path, ["true"], open_timeout=0.5):
                 raise AssertionError("opened without an answer")
         nursery.cancel_scope.cancel()
+
+
+async def test_user_signal_and_resize_reach_the_session() -> None:
+    got: dict[str, Any] = {}
+
+    async def scenario(k: Kestrel) -> None:
+        await attached(k)
+        got["user"] = await run_exec(k, ["sh", "-c", "id -u; id -g; pwd"], uid=1000, gid=1001)
+        async with open_exec(k.control, ["sh", "-c", "echo ready; exec sleep 1000"]) as s:
+            await s.close_stdin()
+            assert await s.read() == ("stdout", b"ready\n")
+            await s.signal(signal.SIGTERM)
+            got["signalled"] = await s.wait()
+        async with open_exec(k.control, ["sh", "-c", "stty size; read x; stty size"],
+                             tty=True, rows=20, cols=70) as s:
+            out = b""
+            while b"20 70" not in out:
+                item = await s.read()
+                assert item is not None
+                out += item[1]
+            await s.resize(50, 132)
+            await s.write(b"go\r")
+            async for _stream, data in s:
+                out += data
+            got["resized"] = (await s.wait(), out)
+        await k.send(Stop(grace_s=1))
+
+    await run_kestrel(IDLE, scenario=scenario)
+    assert got["user"][1] == b"1000\n1001\n/\n"
+    assert got["signalled"].signal == signal.SIGTERM and got["signalled"].status == 143
+    status, out = got["resized"]
+    assert status.status == 0 and b"50 132" in out
