@@ -251,6 +251,19 @@ def test_shell_through_a_real_terminal(volar: Volar, vm: str) -> None:
 # --- bad input: one line, never a hung terminal ------------------------------------------
 
 
+def test_sigterm_to_volar_mid_session_restores_the_terminal(volar: Volar, vm: str) -> None:
+    term = Terminal(volar, "vms", "exec", "-t", vm, "--", "sh", "-c", "echo ready; sleep 1000")
+    try:
+        term.read_until(b"ready")
+        assert not term.restored()  # raw while the session runs
+        term.proc.send_signal(signal.SIGTERM)
+        assert term.wait() == 125
+        assert term.restored()
+        assert b"SIGTERM" in term.output
+    finally:
+        term.close()
+
+
 def test_tty_without_a_terminal_is_one_line(volar: Volar, vm: str) -> None:
     done = exec_(volar, vm, "true", opts=("-t",), input=b"")
     assert done.returncode == 125
