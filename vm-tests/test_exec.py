@@ -30,7 +30,6 @@ from host.kernel import KernelInfo
 from kestrel.cmdline import decode_manifest, parse_cmdline
 
 EXAMPLE = REPO / "examples" / "caddy"
-VM_LOCK = "/tmp/kestrel-vm.lock"
 # Caddy, with a log line every 0.2 s beside it: the workload's logs must keep flowing.
 TICKER = ("while :; do echo tick; sleep 0.2; done & "
           "exec /usr/bin/caddy run --config /etc/caddy/Caddyfile")
@@ -48,11 +47,9 @@ class Volar:
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "host.cli", *args]
 
-    def run(self, *args: str, input: bytes | None = None, timeout: float = 120,
-            lock: bool = False) -> subprocess.CompletedProcess[bytes]:
+    def run(self, *args: str, input: bytes | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
         cmd = self.argv(*args)
-        if lock:  # a boot: one at a time on this shared machine
-            cmd = ["flock", VM_LOCK, *cmd]
         print("$ volar " + " ".join(args), flush=True)
         done = subprocess.run(cmd, env=self.env(), cwd=REPO, input=input, capture_output=True,
                               timeout=timeout, check=False)
@@ -70,7 +67,7 @@ class Volar:
 
     def create(self, vm: str, plugin: str) -> None:
         done = self.run("vms", "create", vm, "--plugin", plugin, "--memory", "384",
-                        lock=True, timeout=400)
+                        timeout=400)
         assert done.returncode == 0, done.stderr.decode()
 
     def logs(self, vm: str) -> bytes:
