@@ -82,9 +82,12 @@ def _run(store: Store, name: str, argv: list[str], *, interactive: bool, tty_wan
                         "on stdin, and this stdin is not one (drop -t, or run it in a terminal)")
     path = _socket(store, name)
     rows, cols = _size() if tty_wanted else (24, 80)
-    with _raw(tty_wanted):
-        status = trio.run(_session, path, argv, interactive, tty_wanted, env, cwd, uid, gid,
-                          rows, cols)
+    try:
+        with _raw(tty_wanted):
+            status = trio.run(_session, path, argv, interactive, tty_wanted, env, cwd, uid,
+                              gid, rows, cols)
+    except ExecError as exc:
+        raise ExecError(f"vms {'shell' if shell else 'exec'} {name}: {exc}") from None
     if status.started:
         return status.status
     if shell and status.status == 127:
