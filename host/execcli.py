@@ -66,28 +66,29 @@ def _user(text: str) -> tuple[int, int]:
         raise ExecError(f"--user {text!r}: expected UID or UID:GID (numbers)") from None
 
 
-def _socket(store: Store, name: str) -> Path:
+def _socket(store: Store, name: str, what: str) -> Path:
     vm = store.vm(name)
     if vm.status not in RUNNING:
         hint = "; try again once it is running" if vm.status in ("pending", "starting") else ""
-        raise ExecError(f"vms exec {name}: the VM is {vm.status}, exec needs a running VM{hint}")
+        raise ExecError(f"vms {what} {name}: the VM is {vm.status}, exec needs a running VM{hint}")
     return Path(vm.run_dir) / CONTROL_SOCKET
 
 
 def _run(store: Store, name: str, argv: list[str], *, interactive: bool, tty_wanted: bool,
          env: list[str], cwd: str, user: str, shell: bool = False) -> int:
     uid, gid = _user(user)
+    what = "shell" if shell else "exec"
+    path = _socket(store, name, what)
     if tty_wanted and not os.isatty(0):
-        raise ExecError(f"vms {'shell' if shell else 'exec'} {name}: -t needs a terminal "
-                        "on stdin, and this stdin is not one (drop -t, or run it in a terminal)")
-    path = _socket(store, name)
+        raise ExecError(f"vms {what} {name}: -t needs a terminal on stdin, and this stdin "
+                        "is not one (drop -t, or run it in a terminal)")
     rows, cols = _size() if tty_wanted else (24, 80)
     try:
         with _raw(tty_wanted):
             status = trio.run(_session, path, argv, interactive, tty_wanted, env, cwd, uid,
                               gid, rows, cols)
     except ExecError as exc:
-        raise ExecError(f"vms {'shell' if shell else 'exec'} {name}: {exc}") from None
+        raise ExecError(f"vms {what} {name}: {exc}") from None
     if status.started:
         return status.status
     if shell and status.status == 127:
