@@ -75,8 +75,15 @@ class ExecSession:
         self._error = ""
 
     async def _frame(self, msg: Message) -> None:
-        async with self._send_lock:
-            await self._stream.send_all(encode(msg))
+        if self._done.is_set():
+            return  # over: stdin, credit, resize and signals have nowhere to go
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(encode(msg))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The monitor closed the session (its last frame may still be in
+            # our receive buffer): the receiving task says how it ended.
+            await self._done.wait()
 
     # --- the caller's side ------------------------------------------------------
 
@@ -109,11 +116,8 @@ class ExecSession:
         except trio.EndOfChannel:
             return None
         credit = self._received.consumed(len(data))
-        if credit and not self._done.is_set():
-            try:
-                await self._frame(ExecCredit(bytes=credit))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        if credit:
+            await self._frame(ExecCredit(bytes=credit))
         return stream, data
 
     def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:

@@ -342,3 +342,19 @@ async def test_user_signal_and_resize_reach_the_session() -> None:
     assert got["signalled"].signal == signal.SIGTERM and got["signalled"].status == 143
     status, out = got["resized"]
     assert status.status == 0 and b"50 132" in out
+
+
+async def test_a_session_over_before_the_client_speaks_still_gives_its_status() -> None:
+    # The guest answers a missing program at once, and the monitor hangs up
+    # while the client may still be sending stdin's end: never an error.
+    statuses: list[int] = []
+
+    async def scenario(k: Kestrel) -> None:
+        await attached(k)
+        for _ in range(50):
+            status, _, _ = await run_exec(k, ["/no/such/program"], stdin=b"input")
+            statuses.append(status.status)
+        await k.send(Stop(grace_s=1))
+
+    await run_kestrel(IDLE, scenario=scenario)
+    assert statuses == [127] * 50
