@@ -158,8 +158,9 @@ def test_ten_concurrent_execs_all_succeed(volar: Volar, vm: str) -> None:
                               env=volar.env(), cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
              for i in range(10)]
-    results = [(p.wait(timeout=120), p.communicate()[0]) for p in procs]
-    assert results == [(i, f"session-{i}\n".encode()) for i in range(10)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    results = [(p.returncode, out) for p, (out, _err) in zip(procs, outputs, strict=True)]
+    assert results == [(i, f"session-{i}\n".encode()) for i in range(10)], outputs
 
 
 # --- terminals -----------------------------------------------------------------------
