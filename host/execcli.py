@@ -26,7 +26,6 @@ from host.lifecycle import CONTROL_SOCKET
 from host.state import Store
 
 RUNNING = ("running", "healthy", "unhealthy")
-SHELL = "/bin/sh"
 # Signals that end volar; the terminal is restored and the session hung up first.
 ENDING = (signal.SIGTERM, signal.SIGHUP)
 
@@ -42,8 +41,8 @@ def cmd_exec(store: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_shell(store: Store, args: argparse.Namespace) -> int:
-    return _run(store, args.name, [SHELL], interactive=True, tty_wanted=True, env=[], cwd="/",
-                user="", shell=True)
+    return _run(store, args.name, [args.shell], interactive=True, tty_wanted=True, env=[],
+                cwd="/", user="", shell=True)
 
 
 def _env(items: list[str] | None) -> list[str]:
@@ -92,8 +91,9 @@ def _run(store: Store, name: str, argv: list[str], *, interactive: bool, tty_wan
     if status.started:
         return status.status
     if shell and status.status == 127:
-        print(f"volar: vms shell {name}: the image has no shell ({status.message}); "
-              f"run a program with volar vms exec {name} -- PROGRAM", file=sys.stderr)
+        print(f"volar: vms shell {name}: the image has no shell at {argv[0]} "
+              f"({status.message}); run a program with volar vms exec {name} -- PROGRAM",
+              file=sys.stderr)
     else:
         print(f"volar: vms exec {name}: {status.message}", file=sys.stderr)
     return status.status

@@ -249,6 +249,17 @@ def test_shell_through_a_real_terminal(volar: Volar, vm: str) -> None:
 # --- bad input: one line, never a hung terminal ------------------------------------------
 
 
+def test_shell_that_the_image_lacks_is_one_line(volar: Volar, vm: str) -> None:
+    term = Terminal(volar, "vms", "shell", vm, "--shell", "/bin/no-such-shell")
+    try:
+        assert term.wait() == 127
+        assert term.restored()
+        lines = term.output.decode().strip().splitlines()
+        assert len(lines) == 1 and "has no shell at /bin/no-such-shell" in lines[0], lines
+    finally:
+        term.close()
+
+
 def test_sigterm_to_volar_mid_session_restores_the_terminal(volar: Volar, vm: str) -> None:
     term = Terminal(volar, "vms", "exec", "-t", vm, "--", "sh", "-c", "echo ready; sleep 1000")
     try:
