@@ -24,10 +24,7 @@ from kestrel.protocol import (
     Hello,
     HostSession,
     Message,
-    Ping,
     ProtocolError,
-    Signal,
-    Stop,
     encode,
 )
 
@@ -118,7 +115,7 @@ class SessionLoop:
             raise NotAttached("kestrel is not connected")
         await self._send(data)
 
-    async def command(self, msg: Stop | Signal | Ping) -> bool:
+    async def command(self, msg: Message) -> bool:
         """Send a command to kestrel; False when no connection (or no hello yet) takes it."""
         if self.stream is None or not self.hello_seen.is_set():
             return False

@@ -26,7 +26,7 @@ from host.exechub import read_line
 from host.session import Collector, SessionLoop
 from host.vsock import private_listener
 from kestrel.cmdline import encode_manifest
-from kestrel.protocol import Exit, Health, HostSession, Log, Message, Ping, Signal, State, Stop
+from kestrel.protocol import Exit, Health, HostSession, Log, Message, State
 
 REPO = Path(__file__).resolve().parent.parent
 # Outside /tmp and /run: kestrel mounts tmpfs over those inside its namespace.
@@ -98,7 +98,7 @@ class Kestrel:
     def signal(self, signum: int) -> None:
         os.kill(self.run.host_pid, signum)
 
-    async def send(self, msg: Stop | Signal | Ping) -> None:
+    async def send(self, msg: Message) -> None:
         assert await self.run.loop.command(msg), f"no attached kestrel took {msg!r}"
 
     async def wait_for(self, pred: Callable[[Run], bool], timeout: float = 30) -> None:
