@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from host.exechub import ExecHub
 from host.session import SessionLoop
 from host.state import Store
 from host.vmm import LaunchSpec, Running, VmmDriver, VmmError
@@ -56,6 +57,11 @@ class AgentLink:
     @property
     def drained(self) -> trio.Event:
         return self.loop.drained
+
+    @property
+    def exec(self) -> ExecHub:
+        """Exec sessions ride the agent connection (the monitor's control socket feeds it)."""
+        return self.loop.exec
 
     async def run(
         self, driver: VmmDriver, spec: LaunchSpec, running: Running, exited: trio.Event

@@ -263,6 +263,10 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
         from host import console
 
         return console.run(store, args)
+    elif a in ("exec", "shell"):
+        from host import execcli
+
+        return (execcli.cmd_exec if a == "exec" else execcli.cmd_shell)(store, args)
     elif a == "stop":
         vm = lifecycle.stop(store, args.name, grace=args.grace)
         args.output.step(f"VM {vm.name} {vm.status}" + (f": {vm.detail}" if vm.detail else ""))
@@ -349,6 +353,17 @@ def _vms_parser(vm: Any) -> None:
     st.add_argument("name")
     st.add_argument("--grace", type=float, default=10.0, help="seconds for the workload")
     vm.add_parser("delete").add_argument("name")
+    ex = vm.add_parser("exec", help="run a command in a running VM (docker exec style)")
+    ex.add_argument("-i", "--interactive", action="store_true", help="send stdin")
+    ex.add_argument("-t", "--tty", action="store_true", help="a terminal for the command")
+    ex.add_argument("-e", "--env", action="append", metavar="K=V")
+    ex.add_argument("-w", "--workdir", default="/", metavar="DIR")
+    ex.add_argument("-u", "--user", default="", metavar="UID[:GID]")
+    ex.add_argument("name")
+    ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG]...")
+    sh = vm.add_parser("shell", help="an interactive /bin/sh in a running VM")
+    sh.add_argument("name")
+    sh.add_argument("--shell", default="/bin/sh", help="the shell's path in the image")
     co = vm.add_parser("console", help="attach to the serial console (Ctrl-] detaches); "
                        "prints its log with --log or when not on a terminal")
     co.add_argument("name")

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from host.agentlink import AgentLink
+from host.exechub import read_line
 from host.lifecycle import CONTROL_SOCKET
 from host.qemu import QEMU_USER_IP
 from host.serialconsole import SerialConsole
@@ -298,21 +299,19 @@ class Monitor:
                 print(f"monitor: {exc}", flush=True)
 
     async def _serve_control(self, nursery: trio.Nursery) -> None:
-        listener = await private_listener(self.run_dir / CONTROL_SOCKET, backlog=4)
+        # Ten concurrent execs must not find the backlog full.
+        listener = await private_listener(self.run_dir / CONTROL_SOCKET, backlog=64)
         await trio.serve_listeners(self._control_client, [listener])
 
     async def _control_client(self, stream: trio.abc.Stream) -> None:
-        """Line protocol: ``stop <grace>`` -> ``ok`` when the VMM is gone."""
+        """Line protocol: ``stop <grace>`` -> ``ok`` when the VMM is gone; ``exec``
+        then exec frames (host.exechub)."""
         async with stream:
-            data = b""
-            with trio.move_on_after(5):
-                while b"\n" not in data and len(data) < 256:
-                    chunk = await stream.receive_some(256)
-                    if not chunk:
-                        break
-                    data += chunk
-            words = data.decode("ascii", "replace").split()
-            if words[:1] == ["stop"]:
+            line, rest = await read_line(stream)
+            words = line.split()
+            if words == ["exec"]:
+                await self.link.exec.serve_client(stream, rest)
+            elif words[:1] == ["stop"]:
                 try:
                     grace = float(words[1]) if len(words) > 1 else self.vm.stop_grace
                 except ValueError:

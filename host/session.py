@@ -18,15 +18,13 @@ from typing import Protocol
 
 import trio
 
+from host.exechub import ExecHub, NotAttached
 from kestrel.protocol import (
     Attach,
     Hello,
     HostSession,
     Message,
-    Ping,
     ProtocolError,
-    Signal,
-    Stop,
     encode,
 )
 
@@ -58,6 +56,7 @@ class SessionLoop:
         self.drained = trio.Event()  # run()/serve_listener() ended
         self.connections = 0
         self._send_lock = trio.Lock()
+        self.exec = ExecHub(self._send_exec, log=self.say)  # exec sessions ride the connection
 
     # --- one connection ------------------------------------------------------
 
@@ -65,6 +64,7 @@ class SessionLoop:
         """Attach, then record and ack until EOF. Stream errors propagate."""
         self.connections += 1
         self.stream = stream
+        connection = self.exec.connection = self.connections  # exec sessions opened now ride it
         opened = time.monotonic()
         try:
             await self._send(self.session.attach(), stream)
@@ -87,7 +87,9 @@ class SessionLoop:
                     greeted = True
                     self.say(f"hello {time.monotonic() - opened:.2f} s after connecting "
                              f"({resent} attach re-sent)")
-                self.sink.record(messages)
+                rest = self.exec.route(messages)
+                if rest:  # a batch of exec output alone is no store transaction
+                    self.sink.record(rest)
                 if greeted:
                     self.hello_seen.set()
                 ack = self.session.ack()
@@ -98,6 +100,7 @@ class SessionLoop:
             # accepts the guest's reconnect before this one has seen its EOF).
             if self.stream is stream:
                 self.stream = None
+            self.exec.connection_lost(connection, "the agent connection ended")
 
     async def _send(self, data: bytes, stream: trio.abc.Stream | None = None) -> None:
         """Write whole frames under the one lock; to ``stream``, else the current one."""
@@ -107,7 +110,12 @@ class SessionLoop:
                 raise trio.ClosedResourceError("no agent connection")
             await target.send_all(data)
 
-    async def command(self, msg: Stop | Signal | Ping) -> bool:
+    async def _send_exec(self, data: bytes) -> None:
+        if self.stream is None or not self.hello_seen.is_set():
+            raise NotAttached("kestrel is not connected")
+        await self._send(data)
+
+    async def command(self, msg: Message) -> bool:
         """Send a command to kestrel; False when no connection (or no hello yet) takes it."""
         if self.stream is None or not self.hello_seen.is_set():
             return False

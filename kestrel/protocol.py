@@ -38,6 +38,7 @@ class ProtocolError(ValueError):
 class Message:
     TYPE: ClassVar[str] = ""
     SEQUENCED: ClassVar[bool] = False
+    COMMAND: ClassVar[bool] = False  # the guest hands it to kestrel to act on
 
 
 # --- host -> guest ----------------------------------------------------------
@@ -63,12 +64,14 @@ class Stop(Message):
     """Stop the workload (TERM, grace, KILL) and power the VM off."""
 
     TYPE: ClassVar[str] = "stop"
+    COMMAND: ClassVar[bool] = True
     grace_s: float = 10.0
 
 
 @dataclass(slots=True)
 class Signal(Message):
     TYPE: ClassVar[str] = "signal"
+    COMMAND: ClassVar[bool] = True
     signum: int = 15
 
 
@@ -233,12 +236,20 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 # Field name -> accepted Python types, derived once from the dataclasses.
 _TYPE_NAMES: dict[str, tuple[type, ...]] = {
     "int": (int,), "float": (float, int), "str": (str,), "bytes": (bytes,),
-    "int | None": (int, type(None)), "dict[str, float]": (dict,),
+    "int | None": (int, type(None)), "dict[str, float]": (dict,), "bool": (bool,),
+    "list[str]": (list,),
 }
-_SCHEMA: dict[type[Message], dict[str, tuple[type, ...]]] = {
-    cls: {f.name: _TYPE_NAMES[str(f.type)] for f in fields(cls)}
-    for cls in MESSAGE_TYPES.values()
-}
+_SCHEMA: dict[type[Message], dict[str, tuple[type, ...]]] = {}
+
+
+def register(*classes: type[Message]) -> None:
+    """Make ``classes`` known to the codec (kestrel.execproto adds its messages)."""
+    for cls in classes:
+        MESSAGE_TYPES[cls.TYPE] = cls
+        _SCHEMA[cls] = {f.name: _TYPE_NAMES[str(f.type)] for f in fields(cls)}
+
+
+register(*MESSAGE_TYPES.values())
 
 
 def encode(msg: Message) -> bytes:
@@ -269,8 +280,10 @@ def _decode_body(payload: bytes) -> Message:
         accepted = schema.get(name)
         if accepted is None:
             continue  # a field added by a newer peer
-        if isinstance(value, bool) or not isinstance(value, accepted):
+        if (isinstance(value, bool) and bool not in accepted) or not isinstance(value, accepted):
             raise ProtocolError(f"{kind}.{name}: unexpected {type(value).__name__}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ProtocolError(f"{kind}.{name}: a list of strings expected")
         kwargs[name] = value
     for counter in ("seq", "last_seq", "first_seq", "count"):
         if kwargs.get(counter, 0) < 0:
@@ -379,8 +392,8 @@ class GuestSession:
         """Feed host bytes: returns (commands for kestrel, bytes to send back).
 
         ``attach`` is answered here (hello + replay); ``ack`` prunes the
-        buffer; ``ping`` is answered with ``pong``. Stop and Signal are
-        returned for kestrel to act on.
+        buffer; ``ping`` is answered with ``pong``. Commands (stop, signal,
+        the exec frames) are returned for kestrel to act on.
         """
         self._decoder.feed(data)
         commands: list[Message] = []
@@ -393,7 +406,7 @@ class GuestSession:
                 self._on_ack(msg.seq)
             elif isinstance(msg, Ping):
                 out += self.telemetry(Pong(id=msg.id))
-            elif isinstance(msg, Stop | Signal):
+            elif msg.COMMAND:
                 commands.append(msg)
         return commands, bytes(out)
 
@@ -479,5 +492,5 @@ class HostSession:
         self._acked = self.last_seq
         return encode(Ack(seq=self.last_seq))
 
-    def command(self, msg: Stop | Signal | Ping) -> bytes:
+    def command(self, msg: Message) -> bytes:
         return encode(msg)

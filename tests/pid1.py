@@ -22,10 +22,11 @@ from typing import Any
 
 import trio
 
+from host.exechub import read_line
 from host.session import Collector, SessionLoop
 from host.vsock import private_listener
 from kestrel.cmdline import encode_manifest
-from kestrel.protocol import Exit, Health, HostSession, Log, Message, Ping, Signal, State, Stop
+from kestrel.protocol import Exit, Health, HostSession, Log, Message, State
 
 REPO = Path(__file__).resolve().parent.parent
 # Outside /tmp and /run: kestrel mounts tmpfs over those inside its namespace.
@@ -90,11 +91,14 @@ class Kestrel:
 
     def __init__(self, run: Run) -> None:
         self.run = run
+        # Exec sessions: host.execclient connects here, and the session
+        # loop's own exec hub relays them, as the monitor's control socket does.
+        self.control = run.dir / "control.sock"
 
     def signal(self, signum: int) -> None:
         os.kill(self.run.host_pid, signum)
 
-    async def send(self, msg: Stop | Signal | Ping) -> None:
+    async def send(self, msg: Message) -> None:
         assert await self.run.loop.command(msg), f"no attached kestrel took {msg!r}"
 
     async def wait_for(self, pred: Callable[[Run], bool], timeout: float = 30) -> None:
@@ -140,6 +144,8 @@ async def run_kestrel(
             if serve:
                 listener = await private_listener(sock)
                 nursery.start_soon(run.loop.serve_listener, listener)
+                control = await private_listener(k.control, backlog=64)
+                nursery.start_soon(trio.serve_listeners, _control_client(run.loop), [control])
             proc = await trio.lowlevel.open_process(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -190,6 +196,16 @@ def frozen_python() -> Path:
 def frozen_kestrel() -> list[str]:
     """argv that starts the frozen kestrel, as /bin/kestrel does in an image."""
     return [str(frozen_python()), "-IOO", "-c", "from kestrel.main import main; main()"]
+
+
+def _control_client(loop: SessionLoop) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            line, rest = await read_line(stream)
+            if line == "exec":
+                await loop.exec.serve_client(stream, rest)
+
+    return handle
 
 
 def _child_of(pid: int) -> int:

@@ -10,6 +10,10 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from host.exechub import ExecHub
+from kestrel.execproto import EXEC_MESSAGES, ExecOpen, check_open
+from kestrel.execsession import ExecSessions
+from kestrel.outbox import Outbox
 from kestrel.protocol import (
     Ack,
     Attach,
@@ -21,8 +25,9 @@ from kestrel.protocol import (
     ProtocolError,
     encode,
 )
+from kestrel.reaper import Reaper
 from tests.test_fuzz_manifest import mutated_bytes
-from tests.test_protocol import any_message
+from tests.test_protocol import any_message, message_strategy
 
 
 def drain(decoder: FrameDecoder) -> list[Message]:
@@ -107,3 +112,41 @@ def _log(i: int) -> Message:
     from kestrel.protocol import Log
 
     return Log(data=str(i).encode())
+
+
+# --- exec frames ----------------------------------------------------------------
+
+exec_frames = st.one_of([message_strategy(c) for c in EXEC_MESSAGES])
+
+
+@given(st.lists(st.one_of(exec_frames, host_frames), max_size=8).flatmap(
+    lambda msgs: mutated_bytes(b"".join(encode(m) for m in msgs))
+))
+def test_fuzz_exec_frames_from_the_host_never_crash_kestrel(data: bytes) -> None:
+    """Whatever decodes is checked (opens) or routed by id; unknown ids are a line, not a crash."""
+    guest = GuestSession(agent="k", boot_id="b")
+    guest.attached = True
+    sessions = ExecSessions(Outbox(guest), Reaper(), {})
+    try:
+        commands, _ = guest.receive(data)
+    except ProtocolError:
+        return
+    for cmd in commands:
+        if isinstance(cmd, ExecOpen):
+            check_open(cmd)  # a real open would fork; its validation must hold any input
+        elif isinstance(cmd, EXEC_MESSAGES):
+            sessions.handle(cmd)
+    assert sessions.sessions == {}
+
+
+@given(st.lists(exec_frames, max_size=8))
+def test_fuzz_exec_frames_from_kestrel_for_unknown_sessions_are_dropped(msgs: list[Message]
+                                                                      ) -> None:
+    lines: list[str] = []
+
+    async def nowhere(data: bytes) -> None:
+        raise AssertionError("nothing is sent for frames nobody asked for")
+
+    hub = ExecHub(nowhere, log=lines.append)
+    assert hub.route(msgs) == []
+    assert len(lines) == len(msgs)

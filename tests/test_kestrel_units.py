@@ -110,7 +110,8 @@ def test_boot_path_imports_nothing_heavy() -> None:
         spawn.workload_env({}, cfg.env, m.workload.env)
         boot.rootfs_device(boot=cfg.boot, cmdline_device="", manifest_has_rootfs=False)
         heavy = {"typing", "re", "json", "dataclasses", "enum", "inspect", "trio", "ctypes",
-                 "signal", "socket", "contextlib", "msgpack"}
+                 "signal", "socket", "contextlib", "msgpack", "kestrel.execproto",
+                 "kestrel.execsession", "kestrel.outbox", "kestrel.supervisor", "termios"}
         print(sorted(heavy & set(sys.modules)))
     """)
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,

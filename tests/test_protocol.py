@@ -22,6 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+import kestrel.execproto  # noqa: F401  (registers the exec frames: every test covers them)
 from kestrel.protocol import (
     _SCHEMA,
     MAX_FRAME,
@@ -56,6 +57,8 @@ _FIELD_STRATEGIES: dict[tuple[type, ...], st.SearchStrategy[Any]] = {
     (bytes,): st.binary(max_size=300),
     (int, type(None)): st.none() | st.integers(-(2**31), 2**31),
     (dict,): st.dictionaries(st.text(max_size=10), st.floats(allow_nan=False), max_size=5),
+    (bool,): st.booleans(),
+    (list,): st.lists(st.text(max_size=20), max_size=5),
 }
 
 
