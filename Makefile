@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev musl-tools make cpio zstd e2fsprogs \
-	qemu-system-x86 busybox-static caddy iproute2 util-linux curl lz4
+	qemu-system-x86 busybox-static caddy iproute2 util-linux curl lz4 \
+	containerd golang-github-containerd-containerd-dev golang-github-containerd-ttrpc-dev \
+	protobuf-compiler
 export KESTREL_KERNEL_DIR ?= $(CURDIR)/.cache/kernel
 # QEMU's vsock backend (rust-vmm, vhost-user). Pinned; --locked uses the crate's
 # own Cargo.lock. volar finds it here (after $$KESTREL_VHOST_VSOCK and PATH).
@@ -12,7 +14,7 @@ VHOST_VSOCK_VERSION := 0.3.0
 VHOST_VSOCK_ROOT := .cache/vhost-device-vsock
 VHOST_VSOCK := $(VHOST_VSOCK_ROOT)/bin/vhost-device-vsock
 
-.PHONY: setup apt venv kernel vhost-device-vsock lint test test-fast vm-test demo bench fuzz clean
+.PHONY: setup apt venv kernel vhost-device-vsock lint test test-fast vm-test demo bench fuzz clean shim-proto
 
 setup: apt venv
 
@@ -65,6 +67,12 @@ bench: kernel vhost-device-vsock
 
 fuzz: setup
 	HYPOTHESIS_PROFILE=long $(VENV)/bin/pytest -q tests -k fuzz
+
+# The containerd shim's protobuf code, checked in: regenerate from Debian's .proto
+# files with protoc 3.21.12 (protobuf-compiler) and the pinned mypy-protobuf.
+shim-proto: setup
+	$(VENV)/bin/pip install -q 'mypy-protobuf==3.4.0'
+	$(PY) host/containerd/genproto.py
 
 clean:
 	rm -rf $(VENV) .cache
