@@ -99,7 +99,8 @@ def cmd_plugins(store: Store, args: argparse.Namespace) -> int:
 def _vm_summary(vm: Vm) -> dict[str, Any]:
     return {
         "name": vm.name, "plugin": vm.plugin, "vmm": vm.vmm, "status": vm.status,
-        "address": vm.address, "ip": vm.ip, "mac": vm.mac, "tap": vm.tap,
+        "address": vm.address, "network": "bridge" if vm.tap else "user",
+        "ip": vm.ip, "mac": vm.mac, "tap": vm.tap,
         "cpus": vm.cpus, "memory_mb": vm.memory_mb, "uptime_s": vm.uptime,
         "health": vm.health, "detail": vm.detail, "agent": agent_kind(vm),
     }
@@ -241,7 +242,7 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
             store, args.name, plugin=args.plugin, cpu=args.cpu, memory=args.memory,
             kernel=args.kernel, vmm=args.vmm, port=args.port, boot_timeout=args.timeout,
             say=args.output.step, channel=args.channel,
-            debug_shell=args.debug_shell,
+            debug_shell=args.debug_shell, network=args.network,
         )
     elif a == "list":
         vms = store.vms()
@@ -338,6 +339,9 @@ def _vms_parser(vm: Any) -> None:
     c.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for kestrel")
     c.add_argument("--channel", choices=("vsock", "serial"),
                    help="how kestrel talks to volar: vsock (default) or virtio-serial (QEMU)")
+    c.add_argument("--network", choices=("user", "bridge"),
+                   help="user (QEMU's default: the workload's port on 127.0.0.1) or bridge "
+                   "(as root: a tap on vbr0 and an address from 192.168.127.0/24)")
     c.add_argument("--debug-shell", action="store_true", help="kestrel runs an unauthenticated "
                    "root shell on the serial console (`vms console NAME`)")
     vm.add_parser("list").add_argument("--json", action="store_true")

@@ -1,4 +1,5 @@
-"""The cloud-hypervisor driver: command line, tap networking, hybrid vsock, API stop.
+"""The cloud-hypervisor driver: command line, hybrid vsock, API stop; its tap and
+bridge come from host/bridge.py, as QEMU's do.
 
 kestrel reaches the host over CH's hybrid vsock (host/vsock.py, the same
 code as QEMU's vhost-user backend): the guest connects to (CID 2, port P)
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import trio
 
+from host.bridge import attach_tap, release_tap
 from host.chapi import ChApiError, CloudHypervisorApi
-from host.ipam import BRIDGE, GATEWAY, SUBNET
 from host.state import FIRST_GUEST_CID
 from host.vmm import LaunchSpec, Running, VmmError, prepare_launch, terminate
 from host.vsock import AgentListener, hybrid_socket
@@ -27,40 +28,6 @@ from kestrel.layout import VSOCK_PORT
 def _paths(spec: LaunchSpec) -> tuple[Path, Path, Path]:
     run = spec.run_dir
     return run / f"{spec.name}.sock", hybrid_socket(run), run / "console.log"
-
-
-def _ip(netns: str | None, *args: str) -> None:
-    cmd = ["ip", *(["-n", netns] if netns else []), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise VmmError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()}")
-
-
-def _link_exists(name: str, netns: str | None) -> bool:
-    cmd = ["ip", *(["-n", netns] if netns else []), "link", "show", "dev", name]
-    return subprocess.run(cmd, capture_output=True).returncode == 0
-
-
-def ensure_bridge(*, netns: str | None = None, bridge: str = BRIDGE) -> None:
-    """The bridge with the gateway address (Volant's `volar setup`), if missing."""
-    if _link_exists(bridge, netns):
-        return
-    _ip(netns, "link", "add", bridge, "type", "bridge")
-    _ip(netns, "addr", "add", f"{GATEWAY}/{SUBNET.prefixlen}", "dev", bridge)
-    _ip(netns, "link", "set", bridge, "up")
-
-
-def create_tap(tap: str, *, netns: str | None = None, bridge: str = BRIDGE) -> None:
-    """A persistent tap on the bridge, up; CH opens it by name."""
-    if not _link_exists(tap, netns):
-        _ip(netns, "tuntap", "add", "dev", tap, "mode", "tap")
-    _ip(netns, "link", "set", tap, "master", bridge)
-    _ip(netns, "link", "set", tap, "up")
-
-
-def delete_tap(tap: str, *, netns: str | None = None) -> None:
-    if _link_exists(tap, netns):
-        _ip(netns, "link", "del", tap)
 
 
 @dataclass
@@ -104,9 +71,12 @@ class CloudHypervisorDriver:
                 stale.unlink(missing_ok=True)
         console.touch(mode=0o600)
         if spec.extra.get("tap"):
-            ensure_bridge()
-            create_tap(spec.extra["tap"])
-        listener = await AgentListener.open(vsock, VSOCK_PORT)
+            attach_tap(spec.extra["tap"])
+        try:
+            listener = await AgentListener.open(vsock, VSOCK_PORT)
+        except BaseException:
+            release_tap(spec.extra.get("tap", ""))
+            raise
         try:
             with open(spec.run_dir / "cloud-hypervisor.log", "wb") as log:
                 process = await trio.lowlevel.open_process(
@@ -115,8 +85,10 @@ class CloudHypervisorDriver:
                 )
         except BaseException:
             await listener.aclose()
+            release_tap(spec.extra.get("tap", ""))
             raise
-        running = Running(process=process, console_log=console, agent_listener=listener)
+        running = Running(process=process, console_log=console, agent_listener=listener,
+                          tap=spec.extra.get("tap", ""))
         if spec.extra.get("ip") and spec.guest_port:
             running.address = f"{spec.extra['ip']}:{spec.guest_port}"
         api_client = CloudHypervisorApi(api, timeout=1.0)
@@ -131,10 +103,12 @@ class CloudHypervisorDriver:
             tail = (spec.run_dir / "cloud-hypervisor.log").read_text(errors="replace")[-800:]
         except OSError:
             tail = ""
-        await listener.aclose()
-        if process.returncode is None:
+        hung = process.returncode is None
+        if hung:
             process.kill()
             await process.wait()
+        await running.release()  # the listener and the tap
+        if hung:
             raise VmmError(f"{spec.name}: cloud-hypervisor API not up within "
                            f"{self.api_timeout:g} s: {tail.strip()}")
         raise VmmError(f"{spec.name}: cloud-hypervisor exited with {process.returncode}: "
@@ -179,6 +153,4 @@ class CloudHypervisorDriver:
             with trio.move_on_after(timeout / 2):
                 await process.wait()
         await terminate(process, grace=3.0, what="cloud-hypervisor")
-        await running.release()
-        if spec.extra.get("tap"):
-            delete_tap(spec.extra["tap"])
+        await running.release()  # the tap too

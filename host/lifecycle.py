@@ -101,12 +101,19 @@ def create(
     say: Callable[[str], None],
     channel: str | None = None,
     debug_shell: bool = False,
+    network: str | None = None,
 ) -> Vm:
     from host import ipam
     from host.plugins import manifest_of
 
     if not valid_name(name):
         raise VolarError(f"invalid VM name {name!r}: {NAME_RULE}")
+    vmm = vmm or str(load_config(store).get("vmm", "qemu"))
+    if vmm not in VMMS and ":" not in vmm:
+        raise VolarError(f"unknown VMM {vmm!r}: expected one of {', '.join(VMMS)}")
+    # Before anything is looked up or recorded: a network mode that cannot work
+    # here (not root) is the first thing to fix.
+    bridged = _bridged(vmm, network)
     row = store.plugin(plugin)
     if not row["enabled"]:
         raise VolarError(f"plugin {plugin!r} is disabled (`volar plugins enable {plugin}`)")
@@ -114,9 +121,6 @@ def create(
         raise VolarError(f"plugin {plugin!r} uses the {row['strategy']} strategy; "
                          "volar boots initramfs plugins only")
     manifest = manifest_of(row)
-    vmm = vmm or str(load_config(store).get("vmm", "qemu"))
-    if vmm not in VMMS and ":" not in vmm:
-        raise VolarError(f"unknown VMM {vmm!r}: expected one of {', '.join(VMMS)}")
     if store.db.execute("SELECT 1 FROM vms WHERE name = ?", (name,)).fetchone():
         raise AlreadyExists(f"a VM named {name!r} already exists (`volar vms delete {name}`)")
     kernel_path = resolve_kernel(store, kernel)
@@ -127,6 +131,9 @@ def create(
         raise VolarError("cloud-hypervisor is not installed (no `cloud-hypervisor` on PATH)")
     if not 0 <= port <= 65535:
         raise VolarError(f"--port {port}: must be 0..65535")
+    if bridged and port:
+        raise VolarError(f"--port {port}: a bridged VM is reached at its own address on the "
+                         "bridge, not through a host port")
     channel = _channel(vmm, channel, say)
     if debug_shell and manifest.agent == "none":
         raise VolarError(f"--debug-shell: plugin {plugin!r} has no kestrel (agent: none); "
@@ -148,7 +155,7 @@ def create(
             )
             store.add_event(name, "status", "pending", "created")
             store.allocate_cid(name)
-            if vmm == "cloud-hypervisor":
+            if bridged:
                 ip, mac = ipam.allocate(store, name)
                 store.update_vm(name, ip=ip, mac=mac, tap=ipam.tap_name(name))
                 say(f"Allocating IP: {ip}")
@@ -169,6 +176,23 @@ def create(
     elif debug_shell:
         say(f"Debug shell: unauthenticated root on the serial console (`volar vms console {name}`)")
     return vm
+
+
+def _bridged(vmm: str, requested: str | None) -> bool:
+    """user (QEMU's default: a 127.0.0.1 port) or bridge (a tap on vbr0, a pool address)."""
+    if requested not in (None, "user", "bridge"):
+        raise VolarError(f"--network {requested}: expected user or bridge")
+    if vmm == "cloud-hypervisor":
+        if requested == "user":
+            raise VolarError("--network user: cloud-hypervisor has no user-mode networking; "
+                             "its VMs always get a tap on the bridge")
+        requested = "bridge"
+    if requested != "bridge":
+        return False
+    from host.bridge import check_bridge_possible
+
+    check_bridge_possible()
+    return True
 
 
 def _channel(vmm: str, requested: str | None, say: Callable[[str], None]) -> str:
@@ -284,7 +308,7 @@ def delete(store: Store, name: str) -> None:
     # The run directory holds every socket: control, QMP, vsock, the backend's.
     shutil.rmtree(vm.run_dir, ignore_errors=True)
     if vm.tap:
-        from host.cloud_hypervisor import delete_tap
+        from host.bridge import delete_tap
 
         try:
             delete_tap(vm.tap)

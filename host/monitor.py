@@ -24,6 +24,7 @@ import trio
 
 from host.agentlink import AgentLink
 from host.exechub import read_line
+from host.ipam import GATEWAY, SUBNET
 from host.lifecycle import CONTROL_SOCKET
 from host.qemu import QEMU_USER_IP
 from host.serialconsole import SerialConsole
@@ -42,7 +43,8 @@ from kestrel.cmdline import CmdlineError, build_cmdline
 from kestrel.manifest import load_manifest
 
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=1"
-BRIDGE_IP = "{ip}::192.168.127.1:255.255.255.0:{name}:eth0:off"
+# kestrel's ip= for a VM on volar's bridge (host/ipam.py's subnet and gateway).
+BRIDGE_IP = f"{{ip}}::{GATEWAY}:{SUBNET.netmask}:{{name}}:eth0:off"
 # Time on top of the guest's own grace for kestrel to power off and the VMM
 # to exit (TCG guests are slow to sync and power down).
 STOP_MARGIN_S = 10.0

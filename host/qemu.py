@@ -1,8 +1,9 @@
 """The QEMU driver: LaunchSpec -> qemu-system-x86_64 command, start, agent stream, stop.
 
 TCG by default (this machine's /dev/kvm is PVM-only); the guest boots the
-PVH vmlinux directly and reaches the host only through user networking with
-``restrict=on`` and a 127.0.0.1 port forward. kestrel talks to the host
+PVH vmlinux directly; its network is user networking with ``restrict=on``
+and a 127.0.0.1 port forward, or, with a tap in ``spec.extra`` (``--network
+bridge``), that tap on volar's bridge (host/bridge.py). kestrel talks to the host
 over vsock, as in production: a vhost-user-vsock device served by rust-vmm's
 vhost-device-vsock in hybrid mode (host/vsock.py, the same host code as
 cloud-hypervisor). ``channel="serial"`` keeps the older virtio-serial port.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from host.bridge import attach_tap, release_tap
 from host.qmp import QmpClient, QmpError
 from host.state import FIRST_GUEST_CID
 from host.vmm import Helper, LaunchSpec, Running, VmmError, prepare_launch, terminate
@@ -168,10 +170,18 @@ class QemuDriver:
         machine = "microvm,rtc=on,isa-serial=on" if self.machine == "microvm" else "q35"
         if self.channel == "vsock":
             machine += ",memory-backend=mem0"
-        netdev = "user,id=n0,restrict=on"
-        if spec.guest_port is not None:
-            netdev += f",hostfwd=tcp:127.0.0.1:{spec.host_port}-:{spec.guest_port}"
+        tap = spec.extra.get("tap")
+        if tap:
+            # Bridge mode: a persistent tap made by start() (host/bridge.py); QEMU
+            # only opens it, and no script runs with QEMU's privileges.
+            netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no"
+        else:
+            netdev = "user,id=n0,restrict=on"
+            if spec.guest_port is not None:
+                netdev += f",hostfwd=tcp:127.0.0.1:{spec.host_port}-:{spec.guest_port}"
         net = f"{self._dev('net')},netdev=n0"
+        if tap and spec.extra.get("mac"):
+            net += f",mac={spec.extra['mac']}"  # ipam's, so a lease keeps its MAC
         if self.machine != "microvm":
             net += ",romfile="  # no iPXE option ROM: nothing boots from the network
         cmd = [
@@ -207,9 +217,10 @@ class QemuDriver:
     # --- lifecycle --------------------------------------------------------------
 
     async def start(self, spec: LaunchSpec) -> Running:
-        """Listener, backend, QEMU, QMP - in that order; on failure nothing is left running."""
+        """Tap, listener, backend, QEMU, QMP - in that order; on failure nothing is left."""
         prepare_launch(spec, binary=self.binary, install_hint="apt-get install qemu-system-x86")
         backend = require_backend() if self.channel == "vsock" else None
+        tap = spec.extra.get("tap", "")
         for stale in ("agent.sock", "qmp.sock", "console.log"):
             (spec.run_dir / stale).unlink(missing_ok=True)
         console = spec.run_dir / "console.log"
@@ -217,6 +228,8 @@ class QemuDriver:
         listener: AgentListener | None = None
         helpers: list[Helper] = []
         try:
+            if tap:
+                attach_tap(tap)
             if spec.console_socket is not None:
                 # QEMU dials it while starting: it must listen before the launch.
                 self._consoles[spec.name] = await private_listener(spec.console_socket)
@@ -242,12 +255,16 @@ class QemuDriver:
                 serial = self._consoles.pop(spec.name, None)
                 if serial is not None:
                     await serial.aclose()
+                if tap:
+                    release_tap(tap)
             raise
         running = Running(process=process, console_log=console, helpers=helpers,
-                          agent_listener=listener)
+                          agent_listener=listener, tap=tap)
+        if tap and spec.guest_port is not None:
+            running.address = f"{spec.extra['ip']}:{spec.guest_port}"
         try:
             async with await self._qmp(spec, running) as qmp:
-                if spec.guest_port is not None:
+                if spec.guest_port is not None and not tap:
                     port = await qmp.forwarded_port(spec.guest_port)
                     if port is None:
                         raise VmmError(f"{spec.name}: QEMU reports no forward to guest port "

@@ -106,13 +106,21 @@ class Running:
     helpers: list[Helper] = field(default_factory=list)
     # The hybrid vsock listener for kestrel's connections (vsock channel only).
     agent_listener: AgentListener | None = None
+    # The VM's tap on the bridge (host/bridge.py), bridge networking only.
+    tap: str = ""
 
     async def release(self) -> None:
-        """After the VMM is gone: stop the helpers, close the listener."""
+        """After the VMM is gone: stop the helpers, close the listener, remove the tap
+        (however the VMM ended: power-off, stop or crash)."""
         for helper in self.helpers:
             await helper.stop()
         if self.agent_listener is not None:
             await self.agent_listener.aclose()
+        if self.tap:
+            from host.bridge import release_tap  # bridge.py needs this module's VmmError
+
+            release_tap(self.tap)
+            self.tap = ""
 
 
 class VmmDriver(Protocol):

@@ -20,13 +20,9 @@ import h11
 import pytest
 import trio
 
+from host.bridge import create_tap, delete_tap, ensure_bridge
 from host.chapi import ChApiError, CloudHypervisorApi
-from host.cloud_hypervisor import (
-    CloudHypervisorDriver,
-    create_tap,
-    delete_tap,
-    ensure_bridge,
-)
+from host.cloud_hypervisor import CloudHypervisorDriver
 from host.vmm import LaunchSpec, VmmError
 from kestrel.layout import VSOCK_PORT
 

@@ -339,11 +339,15 @@ def fledge_build(toml: Path, out: Path, *extra: str) -> Path:
 # --- volar, as a user runs it ------------------------------------------------------
 
 def volar(state: Path, *args: str, timeout: float = 300,
-          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``volar ARGS`` with a private state directory; never waits past ``timeout``."""
+          env: dict[str, str] | None = None,
+          wrap: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """``volar ARGS`` with a private state directory; never waits past ``timeout``.
+
+    ``wrap`` goes before the command, e.g. ``("ip", "netns", "exec", NS)``.
+    """
     import os
 
-    cmd = [sys.executable, "-m", "host.cli", *args]
+    cmd = [*wrap, sys.executable, "-m", "host.cli", *args]
     print("$ volar " + " ".join(args), flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO,
                           timeout=timeout, env={**os.environ, "VOLAR_STATE_DIR": str(state),
