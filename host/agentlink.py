@@ -90,7 +90,7 @@ class AgentLink:
         now = time.time()
         logs: list[tuple[int, str, bytes, float]] = []
         with store.transaction():
-            vm = store.vm(name, refresh=False)
+            vm = store.vm(name)
             status = vm.status
             boot: dict[str, Any] = vm.boot
             boot_changed = False

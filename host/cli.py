@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from host import lifecycle
+from host.adopt import reconcile
 from host.errors import VolarError
-from host.state import TERMINAL, Store, Vm, agent_kind, default_state_dir
+from host.rows import Vm
+from host.state import TERMINAL, Store, default_state_dir
 from kestrel.cliout import Output, VerbosityError, split_verbosity
 from kestrel.manifest import ManifestError
 
@@ -63,15 +65,15 @@ def cmd_plugins(store: Store, args: argparse.Namespace) -> int:
         if not source:
             raise VolarError("plugins install: pass --manifest FILE|URL (or --url URL)")
         row = plugins.install(store, source, force=args.force, output=args.output)
-        args.output.step(f"Plugin {row['name']} {row['version']} installed "
-                         f"({row['strategy']}, sha256:{row['artifact_sha256'][:16]}...)")
+        args.output.step(f"Plugin {row.name} {row.version} installed "
+                         f"({row.strategy}, sha256:{row.artifact_sha256[:16]}...)")
     elif args.action == "list":
         rows = store.plugins()
         if args.json:
             _print_json([plugins.describe(r) for r in rows])
         else:
-            print(_table([(r["name"], r["version"], r["runtime"],
-                           "true" if r["enabled"] else "false", r["strategy"]) for r in rows],
+            print(_table([(r.name, r.version, r.runtime,
+                           "true" if r.enabled else "false", r.strategy) for r in rows],
                          ("NAME", "VERSION", "RUNTIME", "ENABLED", "STRATEGY")))
     elif args.action == "show":
         info = plugins.describe(store.plugin(args.name))
@@ -102,7 +104,7 @@ def _vm_summary(vm: Vm) -> dict[str, Any]:
         "address": vm.address, "network": "bridge" if vm.tap else "user",
         "ip": vm.ip, "mac": vm.mac, "tap": vm.tap,
         "cpus": vm.cpus, "memory_mb": vm.memory_mb, "uptime_s": vm.uptime,
-        "health": vm.health, "detail": vm.detail, "agent": agent_kind(vm),
+        "health": vm.health, "detail": vm.detail, "agent": vm.agent,
     }
 
 
@@ -111,14 +113,14 @@ def _vm_show(store: Store, vm: Vm) -> dict[str, Any]:
     out.update(
         kernel=vm.kernel, initramfs=vm.initramfs, run_dir=vm.run_dir,
         console_log=vm.console_log or str(Path(vm.run_dir) / "console.log"),
-        monitor_log=str(Path(vm.run_dir) / "monitor.log"),
+        monitor_log=str(Path(vm.run_dir) / lifecycle.MONITOR_LOG),
         cmdline=vm.cmdline, vmm_command=vm.vmm_command, monitor_pid=vm.monitor_pid,
         vmm_pid=vm.vmm_pid, created_at=vm.created_at, running_at=vm.running_at,
         ended_at=vm.ended_at, fatal=vm.fatal, channel=vm.channel, guest_cid=vm.guest_cid,
         vsock_socket=_vsock_socket(vm), backend_pid=vm.backend_pid,
         exit=json.loads(vm.exit_json) if vm.exit_json else None,
         boot=_boot_timeline(store, vm), metrics=vm.metrics,
-        events=[{k: e[k] for k in ("time", "kind", "value", "detail")}
+        events=[{"time": e.time, "kind": e.kind, "value": e.value, "detail": e.detail}
                 for e in store.events(vm.name)],
     )
     return out
@@ -207,6 +209,7 @@ def _logs(store: Store, args: argparse.Namespace) -> None:
         if not args.follow or vm.status in TERMINAL:
             return
         time.sleep(0.2)
+        reconcile(store, [vm.name])
         vm = store.vm(args.name)  # a final status still gets one more drain
 
 
@@ -235,8 +238,14 @@ def _print_stats(s: dict[str, Any]) -> None:
     print(f"as of:         {_when(m['at'])} (guest uptime {m['uptime']:.1f} s)")
 
 
+# Commands that act on what is running settle VMs whose monitor died first.
+RECONCILING = ("list", "show", "stats", "logs", "console", "exec", "shell", "stop", "delete")
+
+
 def cmd_vms(store: Store, args: argparse.Namespace) -> int:
     a = args.action
+    if a in RECONCILING:
+        reconcile(store, None if a == "list" else [args.name])
     if a == "create":
         lifecycle.create(
             store, args.name, plugin=args.plugin, cpu=args.cpu, memory=args.memory,

@@ -18,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from host.adopt import reconcile
 from host.errors import VolarError
+from host.rows import Vm
 from host.serialconsole import CONSOLE_SOCKET
-from host.state import TERMINAL, Store, Vm
+from host.state import TERMINAL, Store
 from host.terminal import TerminalSignal, raw_terminal
 
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console
@@ -48,7 +50,10 @@ def print_log(store: Store, vm: Vm, *, follow: bool) -> None:
                 sys.stdout.buffer.write(data)
                 sys.stdout.buffer.flush()
                 continue
-            if not follow or store.vm(vm.name).status in TERMINAL:
+            if not follow:
+                return
+            reconcile(store, [vm.name])
+            if store.vm(vm.name).status in TERMINAL:
                 return
             time.sleep(0.2)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from host.errors import AlreadyExists, BootFailed, MissingKernel, VolarError
 from host.names import NAME_RULE, valid_name
-from host.state import LIVE, TERMINAL, Store, Vm, proc_start_time, process_alive
+from host.rows import Vm
+from host.state import LIVE, TERMINAL, Store, proc_start_time, process_alive
 from kestrel.layout import kernel_dir
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 VMMS = ("qemu", "cloud-hypervisor")
 UP = ("running", "healthy", "unhealthy")
 CONTROL_SOCKET = "control.sock"  # in the VM's run dir; host/monitor.py serves it
+MONITOR_LOG = "monitor.log"  # in the VM's run dir: the monitor's stdout and stderr
 POLL_S = 0.05
 
 
@@ -62,7 +65,7 @@ def spawn_monitor(store: Store, vm: Vm, *, boot_timeout: float) -> subprocess.Po
     import subprocess
 
     run_dir = Path(vm.run_dir)
-    log = open(run_dir / "monitor.log", "ab")  # noqa: SIM115 - handed to the child
+    log = open(run_dir / MONITOR_LOG, "ab")  # noqa: SIM115 - handed to the child
     with log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "host.monitor", str(store.dir), vm.name,
@@ -115,17 +118,17 @@ def create(
     # here (not root) is the first thing to fix.
     bridged = _bridged(vmm, network)
     row = store.plugin(plugin)
-    if not row["enabled"]:
+    if not row.enabled:
         raise VolarError(f"plugin {plugin!r} is disabled (`volar plugins enable {plugin}`)")
-    if row["strategy"] != "initramfs":
-        raise VolarError(f"plugin {plugin!r} uses the {row['strategy']} strategy; "
+    if row.strategy != "initramfs":
+        raise VolarError(f"plugin {plugin!r} uses the {row.strategy} strategy; "
                          "volar boots initramfs plugins only")
     manifest = manifest_of(row)
     if store.db.execute("SELECT 1 FROM vms WHERE name = ?", (name,)).fetchone():
         raise AlreadyExists(f"a VM named {name!r} already exists (`volar vms delete {name}`)")
     kernel_path = resolve_kernel(store, kernel)
-    if not Path(row["artifact_path"]).is_file():
-        raise VolarError(f"plugin {plugin!r}: its initramfs {row['artifact_path']} is missing; "
+    if not Path(row.artifact_path).is_file():
+        raise VolarError(f"plugin {plugin!r}: its initramfs {row.artifact_path} is missing; "
                          "reinstall the plugin")
     if vmm == "cloud-hypervisor" and shutil.which("cloud-hypervisor") is None:
         raise VolarError("cloud-hypervisor is not installed (no `cloud-hypervisor` on PATH)")
@@ -150,7 +153,7 @@ def create(
                 "INSERT INTO vms (name, plugin, vmm, status, cpus, memory_mb, kernel, initramfs,"
                 " run_dir, host_port, created_at, channel, agent, debug_shell)"
                 " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, plugin, vmm, cpus, mem, str(kernel_path), row["artifact_path"],
+                (name, plugin, vmm, cpus, mem, str(kernel_path), row.artifact_path,
                  str(run_dir), port, time.time(), channel, manifest.agent, int(debug_shell)),
             )
             store.add_event(name, "status", "pending", "created")
@@ -159,14 +162,15 @@ def create(
                 ip, mac = ipam.allocate(store, name)
                 store.update_vm(name, ip=ip, mac=mac, tap=ipam.tap_name(name))
                 say(f"Allocating IP: {ip}")
-    except Exception as exc:
-        if "UNIQUE" in str(exc):
-            raise AlreadyExists(f"a VM named {name!r} already exists") from None
-        raise
+    except sqlite3.IntegrityError as exc:
+        # Another create of the same name won the race since the check above.
+        if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+            raise
+        raise AlreadyExists(f"a VM named {name!r} already exists") from None
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(mode=0o700, parents=True)
-    say(f"Booting VM with {row['strategy']} strategy...")
-    vm = store.vm(name, refresh=False)
+    say(f"Booting VM with {row.strategy} strategy...")
+    vm = store.vm(name)
     proc = spawn_monitor(store, vm, boot_timeout=boot_timeout)
     vm = wait_for_boot(store, name, proc, timeout=boot_timeout + 15)
     where = f"IP {vm.ip}" if vm.ip else f"address {vm.address or '(none published)'}"
@@ -225,6 +229,8 @@ def _channel(vmm: str, requested: str | None, say: Callable[[str], None]) -> str
 
 def wait_for_boot(store: Store, name: str, proc: subprocess.Popen[bytes], *,
                   timeout: float) -> Vm:
+    from host.adopt import reconcile
+
     deadline = time.monotonic() + timeout
     while True:
         vm = store.vm(name)
@@ -234,18 +240,11 @@ def wait_for_boot(store: Store, name: str, proc: subprocess.Popen[bytes], *,
             proc.wait()
             raise BootFailed(_failure(vm))
         if proc.poll() is not None:
+            reconcile(store, [name])  # says why, and kills what the monitor left
             vm = store.vm(name)
             if vm.status in UP:
                 return vm
-            if vm.status not in TERMINAL:
-                log = Path(vm.run_dir) / "monitor.log"
-                try:
-                    tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-                except OSError:
-                    tail = []
-                store.set_status(name, "crashed", f"monitor exited with {proc.returncode}"
-                                 + "".join(f"\n{line}" for line in tail))
-            raise BootFailed(_failure(store.vm(name)))
+            raise BootFailed(_failure(vm))
         if time.monotonic() > deadline:
             stop(store, name, grace=0)
             raise BootFailed(f"VM {name} did not boot within {timeout:g} s; stopped it. "
@@ -263,6 +262,8 @@ def _failure(vm: Vm) -> str:
 
 def stop(store: Store, name: str, *, grace: float, timeout: float | None = None) -> Vm:
     """Ask the monitor to stop the VM and wait until it records a final status."""
+    from host.adopt import reconcile
+
     vm = store.vm(name)
     if vm.status in TERMINAL:
         return vm
@@ -284,6 +285,7 @@ def stop(store: Store, name: str, *, grace: float, timeout: float | None = None)
             os.kill(vm.monitor_pid, 15)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
+        reconcile(store, [name])  # a monitor that dies meanwhile is noticed
         vm = store.vm(name)
         if vm.status in TERMINAL:
             return vm

@@ -28,7 +28,7 @@ from host.ipam import GATEWAY, SUBNET
 from host.lifecycle import CONTROL_SOCKET
 from host.qemu import QEMU_USER_IP
 from host.serialconsole import SerialConsole
-from host.state import Store, agent_kind, proc_start_time
+from host.state import Store, proc_start_time
 from host.vmm import (
     Helper,
     LaunchSpec,
@@ -96,7 +96,7 @@ class Monitor:
         self.store = store
         self.name = name
         self.boot_timeout = boot_timeout
-        self.vm = store.vm(name, refresh=False)
+        self.vm = store.vm(name)
         self.plugin = store.plugin(self.vm.plugin)
         self.run_dir = Path(self.vm.run_dir)
         self.driver: VmmDriver | None = None
@@ -108,7 +108,7 @@ class Monitor:
         self.stop_requested = False
         self.stop_forced = ""
         self.helper_failed = ""  # a helper (the vsock backend) died under a live VMM
-        self.agent = agent_kind(self.vm)  # "none": no hello to wait for, ever
+        self.agent = self.vm.agent  # "none": no hello to wait for, ever
         self.console: SerialConsole | None = None
 
     # --- launch -----------------------------------------------------------
@@ -116,7 +116,7 @@ class Monitor:
     def _spec(self, driver: VmmDriver) -> LaunchSpec:
         vm = self.vm
         ip = (BRIDGE_IP if vm.ip else QEMU_USER_IP).format(ip=vm.ip, name=self.name)
-        manifest = json.loads(self.plugin["manifest_json"])
+        manifest = json.loads(self.plugin.manifest_json)
         manifest.pop("$schema", None)  # a URL the guest never reads: cmdline bytes are scarce
         cmdline = build_cmdline(
             manifest_json=json.dumps(manifest, separators=(",", ":")).encode(),
@@ -124,7 +124,7 @@ class Monitor:
             base=BASE_CMDLINE,
             extra={
                 "volant.plugin": vm.plugin,
-                "volant.runtime": self.plugin["runtime"],
+                "volant.runtime": self.plugin.runtime,
                 "kestrel.hostname": self.name,
                 "ip": ip,
                 **({"kestrel.debug_shell": "1"} if vm.debug_shell else {}),
@@ -140,7 +140,7 @@ class Monitor:
             cmdline=cmdline,
             cpus=vm.cpus,
             memory_mb=vm.memory_mb,
-            guest_port=guest_port(self.plugin["manifest_json"]),
+            guest_port=guest_port(self.plugin.manifest_json),
             host_port=vm.host_port,
             extra=extra,
             console_socket=(self.run_dir / "serial.sock"

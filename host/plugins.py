@@ -11,12 +11,14 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from host import fetch
 from host.errors import AlreadyExists, ChecksumMismatch, VolarError
 from host.names import NAME_RULE, valid_name
+from host.rows import Plugin, from_row
 from host.state import Store
 from kestrel.cliout import Output
 from kestrel.manifest import Manifest, ManifestError, load_manifest, normalize_checksum
@@ -31,7 +33,7 @@ def _source_base(source: str) -> str:
 
 
 def install(store: Store, source: str, *, force: bool = False,
-            output: Output | None = None) -> dict[str, Any]:
+            output: Output | None = None) -> Plugin:
     """Install the plugin whose manifest is at ``source``; returns its row."""
     base = _source_base(source)
     text = fetch.read_text(fetch.local_path(base) if base.startswith("file://") else base)
@@ -80,16 +82,16 @@ def install(store: Store, source: str, *, force: bool = False,
     store.db.execute(
         f"INSERT OR REPLACE INTO plugins ({cols}) VALUES ({marks})", tuple(row.values())
     )
-    return row
+    return from_row(Plugin, row)
 
 
-def manifest_of(row: dict[str, Any]) -> Manifest:
-    return load_manifest(row["manifest_json"])
+def manifest_of(row: Plugin) -> Manifest:
+    return load_manifest(row.manifest_json)
 
 
 def set_enabled(store: Store, name: str, enabled: bool) -> None:
     row = store.plugin(name)
-    raw = json.loads(row["manifest_json"])
+    raw = json.loads(row.manifest_json)
     raw["enabled"] = enabled
     store.db.execute(
         "UPDATE plugins SET enabled = ?, manifest_json = ? WHERE name = ?",
@@ -110,16 +112,15 @@ def remove(store: Store, name: str, *, force: bool = False) -> None:
         still_used = store.db.execute(
             "SELECT 1 FROM plugins WHERE artifact_path = ? UNION ALL "
             "SELECT 1 FROM vms WHERE initramfs = ?",
-            (row["artifact_path"], row["artifact_path"]),
+            (row.artifact_path, row.artifact_path),
         ).fetchone()
     if not still_used:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(row["artifact_path"])
+            os.unlink(row.artifact_path)
 
 
-def describe(row: dict[str, Any]) -> dict[str, Any]:
+def describe(row: Plugin) -> dict[str, Any]:
     """What ``plugins show`` prints: the row plus the decoded manifest."""
-    out = {k: v for k, v in row.items() if k != "manifest_json"}
-    out["enabled"] = bool(row["enabled"])
-    out["manifest"] = json.loads(row["manifest_json"])
+    out = {k: v for k, v in asdict(row).items() if k != "manifest_json"}
+    out["manifest"] = json.loads(row.manifest_json)
     return out

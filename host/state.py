@@ -8,9 +8,7 @@ list of migrations let an old state directory open under a newer volar.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -18,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from host.errors import NotFound, StateError
+from host.rows import Event, Plugin, Vm, from_row
 
 # Statuses after which nothing runs any more; a VM in any other status has a
-# live monitor, or is declared crashed when its monitor is gone.
+# live monitor, or is reconciled when its monitor is gone (host/adopt.py).
 TERMINAL = ("stopped", "crashed", "failed")
 LIVE = ("pending", "starting", "running", "healthy", "unhealthy", "stopping")
 
@@ -150,40 +149,6 @@ def process_alive(pid: int, start: int) -> bool:
     return pid > 0 and start > 0 and proc_start_time(pid) == start
 
 
-class Vm:
-    """One row of ``vms`` with helpers for what the commands show."""
-
-    def __init__(self, row: dict[str, Any]) -> None:
-        self.row = row
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self.row[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    @property
-    def uptime(self) -> float | None:
-        if self.row["running_at"] is None:
-            return None
-        end = float(self.row["ended_at"] or time.time())
-        return max(0.0, end - float(self.row["running_at"]))
-
-    @property
-    def boot(self) -> dict[str, Any]:
-        return dict(json.loads(self.row["boot_json"] or "{}"))
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return dict(json.loads(self.row["metrics_json"] or "{}"))
-
-
-def agent_kind(vm: Vm) -> str:
-    """"kestrel", or "none" for an image without an agent (custom/none init):
-    nothing inside such a VM answers the agent protocol (no exec, no logs)."""
-    return str(vm.row.get("agent") or "kestrel")
-
-
 class Store:
     """A connection to the state database; cheap to open, one per process."""
 
@@ -258,31 +223,30 @@ class Store:
 
     # --- plugins -------------------------------------------------------------
 
-    def plugin(self, name: str) -> dict[str, Any]:
+    def plugin(self, name: str) -> Plugin:
         row = self.db.execute("SELECT * FROM plugins WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"unknown plugin {name!r} (see `volar plugins list`)")
-        return dict(row)
+        return from_row(Plugin, row)
 
-    def plugins(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM plugins ORDER BY name")]
+    def plugins(self) -> list[Plugin]:
+        return [from_row(Plugin, r) for r in self.db.execute("SELECT * FROM plugins ORDER BY name")]
 
     # --- VMs -----------------------------------------------------------------
+    # Reading is only reading: a VM whose monitor died is what the row says
+    # until a command reconciles it (host/adopt.py).
 
-    def vm(self, name: str, *, refresh: bool = True) -> Vm:
+    def vm(self, name: str) -> Vm:
         row = self.db.execute("SELECT * FROM vms WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"unknown VM {name!r} (see `volar vms list`)")
-        vm = Vm(dict(row))
-        if refresh:
-            self._check_monitor(vm)
-        return vm
+        return from_row(Vm, row)
 
     def vms(self) -> list[Vm]:
-        out = [Vm(dict(r)) for r in self.db.execute("SELECT * FROM vms ORDER BY name")]
-        for vm in out:
-            self._check_monitor(vm)
-        return out
+        return [from_row(Vm, r) for r in self.db.execute("SELECT * FROM vms ORDER BY name")]
+
+    def vm_names(self) -> list[str]:
+        return [str(r[0]) for r in self.db.execute("SELECT name FROM vms ORDER BY name")]
 
     def update_vm(self, name: str, **fields: Any) -> None:
         cols = ", ".join(f"{k} = ?" for k in fields)
@@ -306,9 +270,9 @@ class Store:
             (vm, when or time.time(), kind, value, detail),
         )
 
-    def events(self, vm: str) -> list[dict[str, Any]]:
+    def events(self, vm: str) -> list[Event]:
         return [
-            dict(r)
+            from_row(Event, r)
             for r in self.db.execute("SELECT * FROM vm_events WHERE vm = ? ORDER BY id", (vm,))
         ]
 
@@ -344,34 +308,6 @@ class Store:
                 self.db.execute(f"DELETE FROM {table} WHERE vm = ?", (name,))
             self.db.execute("DELETE FROM ip_allocations WHERE vm = ?", (name,))
             self.db.execute("DELETE FROM vms WHERE name = ?", (name,))
-
-    def _check_monitor(self, vm: Vm) -> None:
-        """A live status whose monitor is gone is a crash: say so, kill leftovers."""
-        if vm.status not in LIVE or vm.monitor_pid == 0:
-            return
-        if process_alive(vm.monitor_pid, vm.monitor_start):
-            return
-        # Re-read inside the write lock: the monitor may have written a final
-        # status just before exiting.
-        with self.transaction():
-            row = self.db.execute(
-                "SELECT status FROM vms WHERE name = ?", (vm.name,)
-            ).fetchone()
-            if row is None or row[0] not in LIVE:
-                vm.row["status"] = row[0] if row else vm.status
-                return
-            detail = f"monitor process {vm.monitor_pid} is gone"
-            if process_alive(vm.vmm_pid, vm.vmm_start):
-                # Nobody owns the VMM any more: it would run unobserved forever.
-                os.kill(vm.vmm_pid, signal.SIGKILL)
-                detail += f"; killed its orphaned VMM (pid {vm.vmm_pid})"
-            if process_alive(vm.backend_pid, vm.backend_start):
-                # The vsock backend serves the next VMM forever: it goes with its VMM.
-                os.kill(vm.backend_pid, signal.SIGKILL)
-            now = time.time()
-            self.update_vm(vm.name, status="crashed", detail=detail, ended_at=now)
-            self.add_event(vm.name, "status", "crashed", detail, when=now)
-        vm.row.update(status="crashed", detail=detail, ended_at=now)
 
 
 class _Tx:

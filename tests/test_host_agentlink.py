@@ -114,14 +114,14 @@ async def test_records_are_stored_then_acked_and_hello_means_running(tmp_path: P
         await link.hello_seen.wait()
         await _until(lambda: guest.session.buffered == 0)  # everything acked
         await guest.emit(Health(status="healthy", detail="200"))
-        await _until(lambda: store.vm("vm", refresh=False).status == "healthy")
+        await _until(lambda: store.vm("vm").status == "healthy")
         exited.set()
         nursery.cancel_scope.cancel()
     data = b"".join(d for _, _, d, _ in store.logs("vm"))
     assert data == b"".join(f"line {i}\n".encode() for i in range(50))
-    vm = store.vm("vm", refresh=False)
+    vm = store.vm("vm")
     assert vm.boot["timeline"]["workload_exec"] == 0.42
-    statuses = [e["value"] for e in store.events("vm") if e["kind"] == "status"]
+    statuses = [e.value for e in store.events("vm") if e.kind == "status"]
     assert statuses == ["running", "healthy"]
 
 
@@ -172,4 +172,4 @@ async def test_stop_reaches_the_guest_and_fatal_is_kept(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     stop = next(c for c in guest.commands if isinstance(c, Stop))
     assert stop.grace_s == 3.5
-    assert "workload.entrypoint" in store.vm("vm", refresh=False).fatal
+    assert "workload.entrypoint" in store.vm("vm").fatal

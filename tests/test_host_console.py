@@ -18,8 +18,8 @@ import trio
 from host.cloud_hypervisor import CloudHypervisorDriver
 from host.console import attach
 from host.errors import VolarError
+from host.rows import Vm
 from host.serialconsole import CONSOLE_SOCKET, SerialConsole
-from host.state import Vm
 from host.vmm import LaunchSpec, Running, SerialConsoleDriver
 from host.vsock import private_listener
 
@@ -105,9 +105,8 @@ async def test_a_stuck_attacher_is_dropped_and_never_blocks_the_guest(tmp_path: 
     assert log.stat().st_size == 1024 * len(chunk)
 
 
-class _Row(Vm):
-    def __init__(self, run_dir: Path, status: str = "running") -> None:
-        super().__init__({"name": "vm1", "status": status, "run_dir": str(run_dir)})
+def _Row(run_dir: Path, status: str = "running") -> Vm:
+    return Vm(name="vm1", status=status, run_dir=str(run_dir))
 
 
 def test_attach_in_a_pty_detaches_on_ctrl_bracket_and_restores(tmp_path: Path) -> None:

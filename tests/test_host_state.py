@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import stat
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from host import ipam
+from host.adopt import reconcile
 from host.errors import StateError
 from host.state import MIGRATIONS, Store, proc_start_time
 
@@ -62,17 +64,22 @@ def test_newer_schema_is_refused_with_the_path(tmp_path: Path) -> None:
         Store(tmp_path)
 
 
-def test_gone_monitor_means_crashed(tmp_path: Path) -> None:
+def test_reading_has_no_side_effects_and_reconcile_says_the_monitor_is_gone(
+        tmp_path: Path) -> None:
     store = Store(tmp_path)
     proc = subprocess.Popen(["sleep", "60"])
     start = proc_start_time(proc.pid)
     _add_vm(store, "live", pid=proc.pid, start=start)
+    reconcile(store)
     assert store.vm("live").status == "running"
     proc.kill()
     proc.wait()
+    assert store.vm("live").status == "running"  # a read changes nothing
+    assert [v.status for v in store.vms()] == ["running"]
+    reconcile(store, ["live"])
     vm = store.vm("live")
     assert vm.status == "crashed" and "is gone" in vm.detail
-    assert [e["value"] for e in store.events("live")][-1] == "crashed"
+    assert [e.value for e in store.events("live")][-1] == "crashed"
 
 
 def test_reused_pid_is_not_mistaken_for_the_monitor(tmp_path: Path) -> None:
@@ -81,6 +88,7 @@ def test_reused_pid_is_not_mistaken_for_the_monitor(tmp_path: Path) -> None:
     try:
         # Same pid, different start time: another process got the pid.
         _add_vm(store, "reused", pid=proc.pid, start=proc_start_time(proc.pid) - 1)
+        reconcile(store)
         assert store.vm("reused").status == "crashed"
     finally:
         proc.kill()
@@ -90,7 +98,17 @@ def test_reused_pid_is_not_mistaken_for_the_monitor(tmp_path: Path) -> None:
 def test_stopped_vm_without_monitor_stays_stopped(tmp_path: Path) -> None:
     store = Store(tmp_path)
     _add_vm(store, "done", status="stopped", pid=999999, start=1)
+    reconcile(store)
     assert store.vm("done").status == "stopped"
+
+
+def test_rows_are_typed_and_frozen(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    _add_vm(store, "a")
+    vm = store.vm("a")
+    assert (vm.cpus, vm.debug_shell, vm.agent, vm.boot) == (1, False, "kestrel", {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        vm.status = "stopped"  # type: ignore[misc]
 
 
 def test_ipam_allocates_in_numeric_order_and_reuses_released(tmp_path: Path) -> None:

@@ -342,4 +342,4 @@ def test_each_vm_gets_its_own_guest_cid_and_a_deleted_vms_cid_is_reused(tmp_path
     assert [add("a"), add("b"), add("c")] == [3, 4, 5]
     store.delete_vm("b")
     assert add("d") == 4
-    assert store.vm("c", refresh=False).guest_cid == 5
+    assert store.vm("c").guest_cid == 5
