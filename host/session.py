@@ -12,6 +12,7 @@ loop's own writes.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -20,12 +21,10 @@ import trio
 
 from host.exechub import ExecHub, NotAttached
 from kestrel.protocol import (
-    Attach,
     Hello,
     HostSession,
     Message,
     ProtocolError,
-    encode,
 )
 
 RECEIVE_SIZE = 256 * 1024
@@ -35,6 +34,9 @@ RECEIVE_SIZE = 256 * 1024
 REATTACH_S = 2.0
 RETRY_S = 0.1
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# Bytes of host randomness a restored guest mixes into its kernel RNG: a
+# ChaCha20 key's worth (the kernel's CRNG key is 32 bytes).
+RESTORE_ENTROPY = 32
 
 
 class Sink(Protocol):
@@ -67,7 +69,8 @@ class SessionLoop:
         connection = self.exec.connection = self.connections  # exec sessions opened now ride it
         opened = time.monotonic()
         try:
-            await self._send(self.session.attach(), stream)
+            wall_ns, entropy = self._restore_facts()
+            await self._send(self.session.attach(wall_ns=wall_ns, entropy=entropy), stream)
             greeted = False
             reattach, resent = self.reattach_s, 0
             while True:
@@ -78,7 +81,9 @@ class SessionLoop:
                     reattach *= 2
                     # Not session.attach(): that resets the decoder, and a frame
                     # may be half-way through it.
-                    await self._send(encode(Attach(last_seq=self.session.last_seq)), stream)
+                    wall_ns, entropy = self._restore_facts()
+                    await self._send(self.session.reattach(wall_ns=wall_ns, entropy=entropy),
+                                     stream)
                     continue
                 if not data:
                     return
@@ -101,6 +106,12 @@ class SessionLoop:
             if self.stream is stream:
                 self.stream = None
             self.exec.connection_lost(connection, "the agent connection ended")
+
+    def _restore_facts(self) -> tuple[int, bytes]:
+        """What a restored guest needs from the host: its clock and fresh randomness."""
+        if not self.session.restore_id:
+            return 0, b""
+        return time.time_ns(), os.urandom(RESTORE_ENTROPY)
 
     async def _send(self, data: bytes, stream: trio.abc.Stream | None = None) -> None:
         """Write whole frames under the one lock; to ``stream``, else the current one."""

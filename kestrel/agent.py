@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import trio
 
@@ -63,6 +64,7 @@ class Agent:
                                      workload_env=workload_env)
         self.execs = ExecSessions(self.outbox, self.reaper, workload_env)
         self._announced = False
+        self._restore_id = ""  # the last restore acted on (kestrel.restore)
 
     # --- the channel --------------------------------------------------------
 
@@ -78,9 +80,36 @@ class Agent:
                     self.supervisor.forward(cmd.signum)
                 elif isinstance(cmd, EXEC_MESSAGES):
                     self.execs.handle(cmd)
-                elif isinstance(cmd, Attach) and not self._announced:
-                    self._announced = True
-                    console("host attached")
+                elif isinstance(cmd, Attach):
+                    if not self._announced:
+                        self._announced = True
+                        console("host attached")
+                    if cmd.restore_id and cmd.restore_id != self._restore_id:
+                        self._restored(cmd, nursery)
+
+    def _restored(self, attach: Attach, nursery: trio.Nursery) -> None:
+        """The host says this VM was restored from a snapshot: become this VM.
+
+        Done before anything else is read: the workload draws on the kernel's
+        RNG, and until the reseed it shares that stream with its siblings.
+        """
+        from kestrel import restore
+
+        try:
+            p = restore.plan(attach, handled=self._restore_id, now_ns=time.time_ns())
+            if p is None:
+                return
+            self._restore_id = p.restore_id
+            lines = restore.apply(p)
+        except restore.RestoreError as exc:
+            self._restore_id = attach.restore_id  # refused once is refused
+            console(f"KESTREL PANIC: {exc}")
+            self.outbox.emit(Fatal(message=str(exc)))
+            nursery.start_soon(self.supervisor.stop, signal.SIGTERM, self.supervisor.grace_s)
+            return
+        for line in lines:
+            console(line)
+        self.outbox.emit(Timeline(mark="restored", uptime=uptime()))
 
     async def channel_loop(self, outer: trio.Nursery) -> None:
         if self.cfg.channel.kind == "none":

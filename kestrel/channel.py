@@ -51,6 +51,10 @@ class Transport:
         # serial ports stay open across host reconnects
         self.persistent = channel.kind == "serial"
         self._serial: trio.lowlevel.FdStream | None = None
+        # Once a vsock connection worked, a missing device is one being
+        # replaced (volar unplugs it around a snapshot and plugs a new one
+        # into each restored VM), not a VM without one: wait for it.
+        self._connected = False
 
     async def open(self) -> trio.abc.Stream:
         ch = self.channel
@@ -63,11 +67,19 @@ class Transport:
             try:
                 if ch.kind == "unix":
                     return await trio.open_unix_socket(ch.path)
-                return await self._open_vsock(ch.port)
+                stream = await self._open_vsock(ch.port)
+                self._connected = True
+                return stream
             except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
                     TimeoutError):
                 await trio.sleep(delay)
                 delay = min(RETRY_MAX_S, delay * 2)
+            except ChannelMissing:
+                if not self._connected:
+                    raise
+                # A restore plugs the new device in within a second: poll at
+                # the short end so the restored VM reports back promptly.
+                await trio.sleep(RETRY_MIN_S)
 
     async def _open_vsock(self, port: int) -> trio.abc.Stream:
         # Only ever reached inside a guest: on a host, CID 2 is somebody else.

@@ -46,11 +46,22 @@ class Message:
 
 @dataclass(slots=True)
 class Attach(Message):
-    """First frame of every connection: the host holds records up to last_seq."""
+    """First frame of every connection: the host holds records up to last_seq.
+
+    A VM restored from a snapshot is told so here (the kernel has no vmgenid
+    to tell it): ``restore_id`` names this restore, and with it come the
+    VM's own ``hostname``, the host's wall clock (``wall_ns``, CLOCK_REALTIME
+    when the frame was made) and fresh ``entropy`` for the kernel's RNG.
+    kestrel acts once per restore_id; a cold-booted VM's host sends none.
+    """
 
     TYPE: ClassVar[str] = "attach"
     last_seq: int = 0
     proto: int = PROTOCOL_VERSION
+    restore_id: str = ""
+    hostname: str = ""
+    wall_ns: int = 0
+    entropy: bytes = b""
 
 
 @dataclass(slots=True)
@@ -449,8 +460,11 @@ class GuestSession:
 class HostSession:
     """The host's side: attach, dedupe replays, count gaps, produce acks."""
 
-    def __init__(self, *, last_seq: int = 0) -> None:
+    def __init__(self, *, last_seq: int = 0, restore_id: str = "", hostname: str = "") -> None:
         self.last_seq = last_seq
+        # Set for a VM restored from a snapshot: every attach then says so.
+        self.restore_id = restore_id
+        self.hostname = hostname
         self.lost = 0  # records never received and never accounted for
         self.dropped = 0  # records the guest announced as lost to its replay bound
         self.duplicates = 0
@@ -458,10 +472,21 @@ class HostSession:
         self._acked = last_seq
         self._decoder = FrameDecoder()
 
-    def attach(self) -> bytes:
-        """The first frame to send on a new connection."""
+    def attach(self, *, wall_ns: int = 0, entropy: bytes = b"") -> bytes:
+        """The first frame to send on a new connection.
+
+        ``wall_ns`` and ``entropy`` (the I/O edge reads the clock and the
+        RNG) go out only with a restore_id: a cold-booted guest needs neither.
+        """
         self._decoder = FrameDecoder()
-        return encode(Attach(last_seq=self.last_seq))
+        return self.reattach(wall_ns=wall_ns, entropy=entropy)
+
+    def reattach(self, *, wall_ns: int = 0, entropy: bytes = b"") -> bytes:
+        """attach() again on the same connection, keeping a half-received frame."""
+        if not self.restore_id:
+            return encode(Attach(last_seq=self.last_seq))
+        return encode(Attach(last_seq=self.last_seq, restore_id=self.restore_id,
+                             hostname=self.hostname, wall_ns=wall_ns, entropy=entropy))
 
     def receive(self, data: bytes) -> list[Message]:
         """Feed guest bytes; returns new messages (replayed duplicates removed)."""
