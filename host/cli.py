@@ -1,4 +1,5 @@
-"""volar: the host CLI (plugins, vms, kernel) over the state store.
+"""volar: the host CLI's parser and dispatch, and the small plugins, kernel and
+agent commands; the vms commands are in host/clivms.py.
 
 Daemonless: each command opens the store, does its work and exits; running
 VMs belong to their monitors. Errors print one line and exit non-zero.
@@ -10,49 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from host import lifecycle
-from host.adopt import reconcile
+from host.clifmt import print_json, table, when
+from host.clivms import cmd_vms
 from host.errors import VolarError
-from host.rows import Vm
-from host.state import TERMINAL, Store, default_state_dir
+from host.state import Store, default_state_dir
 from kestrel.cliout import Output, VerbosityError, split_verbosity
 from kestrel.manifest import ManifestError
-
-
-def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
-    return "\n".join(lines)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
-
-
-def _when(t: float | None) -> str:
-    if not t:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
-
 
 # --- plugins -----------------------------------------------------------------
 
@@ -70,20 +38,20 @@ def cmd_plugins(store: Store, args: argparse.Namespace) -> int:
     elif args.action == "list":
         rows = store.plugins()
         if args.json:
-            _print_json([plugins.describe(r) for r in rows])
+            print_json([plugins.describe(r) for r in rows])
         else:
-            print(_table([(r.name, r.version, r.runtime,
+            print(table([(r.name, r.version, r.runtime,
                            "true" if r.enabled else "false", r.strategy) for r in rows],
                          ("NAME", "VERSION", "RUNTIME", "ENABLED", "STRATEGY")))
     elif args.action == "show":
         info = plugins.describe(store.plugin(args.name))
         if args.json:
-            _print_json(info)
+            print_json(info)
         else:
             for key in ("name", "version", "runtime", "enabled", "strategy", "source",
                         "artifact_path", "artifact_sha256"):
                 print(f"{key + ':':17} {info[key]}")
-            print(f"{'installed:':17} {_when(info['installed_at'])}")
+            print(f"{'installed:':17} {when(info['installed_at'])}")
             print("manifest:")
             print(json.dumps(info["manifest"], indent=2))
     elif args.action == "remove":
@@ -93,198 +61,6 @@ def cmd_plugins(store: Store, args: argparse.Namespace) -> int:
         plugins.set_enabled(store, args.name, args.action == "enable")
         args.output.step(f"Plugin {args.name} {args.action}d")
     return 0
-
-
-# --- vms ---------------------------------------------------------------------
-
-
-def _vm_summary(vm: Vm) -> dict[str, Any]:
-    return {
-        "name": vm.name, "plugin": vm.plugin, "vmm": vm.vmm, "status": vm.status,
-        "address": vm.address, "network": "bridge" if vm.tap else "user",
-        "ip": vm.ip, "mac": vm.mac, "tap": vm.tap,
-        "cpus": vm.cpus, "memory_mb": vm.memory_mb, "uptime_s": vm.uptime,
-        "health": vm.health, "detail": vm.detail, "agent": vm.agent,
-    }
-
-
-def _vm_show(store: Store, vm: Vm) -> dict[str, Any]:
-    out = _vm_summary(vm)
-    out.update(
-        kernel=vm.kernel, initramfs=vm.initramfs, run_dir=vm.run_dir,
-        console_log=vm.console_log or str(Path(vm.run_dir) / "console.log"),
-        monitor_log=str(Path(vm.run_dir) / lifecycle.MONITOR_LOG),
-        cmdline=vm.cmdline, vmm_command=vm.vmm_command, monitor_pid=vm.monitor_pid,
-        vmm_pid=vm.vmm_pid, created_at=vm.created_at, running_at=vm.running_at,
-        ended_at=vm.ended_at, fatal=vm.fatal, channel=vm.channel, guest_cid=vm.guest_cid,
-        vsock_socket=_vsock_socket(vm), backend_pid=vm.backend_pid,
-        exit=json.loads(vm.exit_json) if vm.exit_json else None,
-        boot=_boot_timeline(store, vm), metrics=vm.metrics,
-        events=[{"time": e.time, "kind": e.kind, "value": e.value, "detail": e.detail}
-                for e in store.events(vm.name)],
-    )
-    return out
-
-
-def _vsock_socket(vm: Vm) -> str:
-    if vm.channel != "vsock":
-        return ""
-    from host.vsock import hybrid_socket
-
-    return str(hybrid_socket(Path(vm.run_dir)))
-
-
-def _boot_timeline(store: Store, vm: Vm) -> dict[str, Any]:
-    """Guest marks (kernel uptime) and host marks (seconds after VMM launch)."""
-    boot = vm.boot
-    launched = boot.get("launched_at") or 0.0
-    host: dict[str, float] = {}
-    if launched and boot.get("hello_at"):
-        host["hello"] = boot["hello_at"] - launched
-    if launched and boot.get("first_healthy_at"):
-        host["first_healthy"] = boot["first_healthy_at"] - launched
-    guest = dict(sorted(boot.get("timeline", {}).items(), key=lambda kv: kv[1]))
-    return {"guest_uptime_s": guest, "host_since_launch_s": host,
-            "agent": boot.get("agent", ""), "boot_id": boot.get("boot_id", "")}
-
-
-def _print_show(info: dict[str, Any]) -> None:
-    skip = {"events", "boot", "metrics", "exit", "cmdline", "fatal"}
-    for key, value in info.items():
-        if key in skip:
-            continue
-        if key.endswith("_at"):
-            value = _when(value)
-        elif key == "uptime_s":
-            key, value = "uptime", _duration(value)
-        print(f"{key + ':':13} {value}")
-    if info["exit"]:
-        print(f"{'exit:':13} {json.dumps(info['exit'])}")
-    if info["fatal"]:
-        print(f"{'fatal:':13} {info['fatal']}")
-    print(f"{'cmdline:':13} {info['cmdline']}")
-    _print_boot(info["boot"])
-    print("history:")
-    for e in info["events"]:
-        detail = f"  {e['detail']}" if e["detail"] else ""
-        print(f"  {_when(e['time'])}  {e['kind']:9} {e['value']}{detail}")
-
-
-def _print_boot(boot: dict[str, Any]) -> None:
-    print("boot timeline:")
-    for mark, t in boot["guest_uptime_s"].items():
-        print(f"  guest {mark:24} {t * 1000:9.1f} ms (kernel uptime)")
-    for mark, t in boot["host_since_launch_s"].items():
-        print(f"  host  {mark:24} {t * 1000:9.1f} ms after VMM launch")
-
-
-def _parse_since(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
-        return time.time() - float(text[:-1]) * units[text[-1]]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise VolarError(f"--since {text!r}: expected 30s, 5m, 2h, 1d, a unix time "
-                         "or an ISO timestamp") from None
-
-
-def _logs(store: Store, args: argparse.Namespace) -> None:
-    vm = store.vm(args.name)
-    since = _parse_since(args.since) if args.since else 0.0
-    last = 0
-    out = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-    while True:
-        for seq, stream, data, _t in store.logs(vm.name, after_seq=last, since=since):
-            target = out.get(stream, sys.stdout.buffer)
-            target.write(data)
-            target.flush()
-            last = seq
-        if not args.follow or vm.status in TERMINAL:
-            return
-        time.sleep(0.2)
-        reconcile(store, [vm.name])
-        vm = store.vm(args.name)  # a final status still gets one more drain
-
-
-def _stats(store: Store, vm: Vm) -> dict[str, Any]:
-    return {"name": vm.name, "status": vm.status, "health": vm.health,
-            "uptime_s": vm.uptime, "boot": _boot_timeline(store, vm), "metrics": vm.metrics,
-            "memory_mb": vm.memory_mb, "cpus": vm.cpus}
-
-
-def _print_stats(s: dict[str, Any]) -> None:
-    print(f"VM {s['name']}: {s['status']}, health {s['health'] or '-'}, "
-          f"uptime {_duration(s['uptime_s'])}")
-    _print_boot(s["boot"])
-    m = s["metrics"]
-    if not m:
-        print("metrics: none received yet")
-        return
-    mib = 1024 * 1024
-    print(f"workload RSS:  {m['workload_rss'] / mib:.1f} MiB")
-    print(f"workload CPU:  {m['workload_cpu_s']:.2f} s")
-    print(f"agent RSS:     {m['agent_rss'] / mib:.1f} MiB")
-    used = m["mem_total"] - m["mem_available"]
-    print(f"guest memory:  {used / mib:.1f} MiB used of {m['mem_total'] / mib:.1f} MiB "
-          f"(VM size {s['memory_mb']} MiB)")
-    print(f"reaped:        {m['reaped']}")
-    print(f"as of:         {_when(m['at'])} (guest uptime {m['uptime']:.1f} s)")
-
-
-# Commands that act on what is running settle VMs whose monitor died first.
-RECONCILING = ("list", "show", "stats", "logs", "console", "exec", "shell", "stop", "delete")
-
-
-def cmd_vms(store: Store, args: argparse.Namespace) -> int:
-    a = args.action
-    if a in RECONCILING:
-        reconcile(store, None if a == "list" else [args.name])
-    if a == "create":
-        lifecycle.create(
-            store, args.name, plugin=args.plugin, cpu=args.cpu, memory=args.memory,
-            kernel=args.kernel, vmm=args.vmm, port=args.port, boot_timeout=args.timeout,
-            say=args.output.step, channel=args.channel,
-            debug_shell=args.debug_shell, network=args.network,
-        )
-    elif a == "list":
-        vms = store.vms()
-        if args.json:
-            _print_json([_vm_summary(v) for v in vms])
-        else:
-            print(_table([(v.name, v.plugin, v.ip or v.address or "-", v.status, str(v.cpus),
-                           f"{v.memory_mb}MB", _duration(v.uptime)) for v in vms],
-                         ("NAME", "PLUGIN", "ADDRESS", "STATE", "CPU", "MEM", "UPTIME")))
-    elif a == "show":
-        info = _vm_show(store, store.vm(args.name))
-        _print_json(info) if args.json else _print_show(info)
-    elif a == "stats":
-        s = _stats(store, store.vm(args.name))
-        _print_json(s) if args.json else _print_stats(s)
-    elif a == "logs":
-        _logs(store, args)
-    elif a == "console":
-        from host import console
-
-        return console.run(store, args)
-    elif a in ("exec", "shell"):
-        from host import execcli
-
-        return (execcli.cmd_exec if a == "exec" else execcli.cmd_shell)(store, args)
-    elif a == "stop":
-        vm = lifecycle.stop(store, args.name, grace=args.grace)
-        args.output.step(f"VM {vm.name} {vm.status}" + (f": {vm.detail}" if vm.detail else ""))
-    elif a == "delete":
-        lifecycle.delete(store, args.name)
-        args.output.step(f"VM {args.name} deleted")
-    return 0
-
 
 def cmd_kernel(store: Store, args: argparse.Namespace) -> int:
     from host import kernel
@@ -300,7 +76,7 @@ def cmd_kernel(store: Store, args: argparse.Namespace) -> int:
     except kernel.KernelError as exc:
         raise VolarError(f"kernel: {exc}") from None
     if getattr(args, "json", False):
-        _print_json({"release": info.release, "package": info.package, "version": info.version,
+        print_json({"release": info.release, "package": info.package, "version": info.version,
                      "vmlinux": str(info.vmlinux), "modules": str(info.modules)})
     else:
         print(f"release:  {info.release}\npackage:  {info.package} {info.version}\n"
