@@ -24,9 +24,9 @@ from hypothesis.stateful import (
 
 import kestrel.execproto  # noqa: F401  (registers the exec frames: every test covers them)
 from kestrel.protocol import (
-    _SCHEMA,
     MAX_FRAME,
     MESSAGE_TYPES,
+    SCHEMA,
     Ack,
     Attach,
     Dropped,
@@ -64,7 +64,7 @@ _FIELD_STRATEGIES: dict[tuple[type, ...], st.SearchStrategy[Any]] = {
 
 def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
     kwargs = {}
-    for name, accepted in _SCHEMA[cls].items():
+    for name, accepted in SCHEMA[cls].items():
         kwargs[name] = (
             st.integers(0, _U64) if name in ("seq", "last_seq", "first_seq", "count")
             else _FIELD_STRATEGIES[accepted]
