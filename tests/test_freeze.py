@@ -242,11 +242,11 @@ def test_cache_key_follows_kestrel_sources(tmp_path: Path) -> None:
 
 
 def test_a_dependency_edit_that_no_longer_applies_fails_the_freeze(tmp_path: Path) -> None:
-    from builder.freeze import FreezeError, Source, _edited
     from builder.freeze_edits import PATCHED
+    from builder.freeze_select import FreezeError, Source, edited_source
 
     rel = next(iter(PATCHED))
     changed = tmp_path / "changed.py"
     changed.write_text("# a release where the edited lines moved\n")
     with pytest.raises(FreezeError, match=f"{rel}: the freeze's source edit no longer applies"):
-        _edited(Source(changed, rel), tmp_path)
+        edited_source(Source(changed, rel), tmp_path)
