@@ -153,6 +153,14 @@ def _vms_parser(vm: Any) -> None:
     sh = vm.add_parser("shell", help="an interactive /bin/sh in a running VM")
     sh.add_argument("name")
     sh.add_argument("--shell", default="/bin/sh", help="the shell's path in the image")
+    ht = vm.add_parser("http", help="an HTTP request to the VM's agent API over vsock "
+                       "(/healthz; /v1/... reaches the workload); body to stdout")
+    ht.add_argument("-X", "--request", metavar="METHOD", help="default GET, POST with -d")
+    ht.add_argument("-d", "--data", metavar="BODY", help="request body; @FILE, @- for stdin")
+    ht.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'")
+    ht.add_argument("-i", "--include", action="store_true", help="print the response head")
+    ht.add_argument("name")
+    ht.add_argument("path", metavar="PATH", help="/healthz or /v1/<path on the workload>")
     co = vm.add_parser("console", help="attach to the serial console (Ctrl-] detaches); "
                        "prints its log with --log or when not on a terminal")
     co.add_argument("name")

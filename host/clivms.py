@@ -1,7 +1,7 @@
 """volar's `vms` commands: what they do with the store and how they show a VM.
 
-The parser for them is in host/cli.py; exec, shell and console live in
-host/execcli.py and host/console.py, imported only when run.
+The parser for them is in host/cli.py; exec, shell, console and http live in
+host/execcli.py, host/console.py and host/httpcli.py, imported only when run.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def _print_stats(s: dict[str, Any]) -> None:
 
 
 # Commands that act on what is running settle VMs whose monitor died first.
-RECONCILING = ("list", "show", "stats", "logs", "console", "exec", "shell", "stop", "delete")
+RECONCILING = ("list", "show", "stats", "logs", "console", "exec", "shell", "http", "stop",
+               "delete")
 
 
 def cmd_vms(store: Store, args: argparse.Namespace) -> int:
@@ -196,6 +197,10 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
         from host import console
 
         return console.run(store, args)
+    elif a == "http":
+        from host import httpcli
+
+        return httpcli.cmd_http(store, args)
     elif a in ("exec", "shell"):
         from host import execcli
 

@@ -121,43 +121,84 @@ class AgentListener:
         self.path.unlink(missing_ok=True)
 
 
+class HybridError(VmmError):
+    """A host -> guest connection through the hybrid socket failed; says which step."""
+
+
+class NotListening(HybridError):
+    """The VMM closed the connection without OK: nothing listens on that guest port."""
+
+
+class NoBackend(HybridError):
+    """Nobody accepts on the hybrid socket: no VMM or backend behind it."""
+
+
+async def handshake(stream: trio.abc.Stream, request: bytes, *, what: str,
+                    ok_timeout_s: float = CONNECT_OK_TIMEOUT_S) -> bytes:
+    """Send ``request`` (``CONNECT <port>\n``), read the ``OK <n>\n`` line.
+
+    Returns the bytes that came after the OK line (the guest's, they belong
+    to the session). Raises NotListening when the VMM closes without OK and
+    HybridError when no line comes within ``ok_timeout_s`` or it is not OK.
+    """
+    try:
+        await stream.send_all(request)
+        buf = b""
+        with trio.move_on_after(ok_timeout_s):
+            while b"\n" not in buf and len(buf) < 64:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    raise NotListening(f"{what}: the VMM closed the connection without OK "
+                                       "(nothing listens on that port in the guest, or the "
+                                       "VMM refused the CONNECT line)")
+                buf += chunk
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise NotListening(f"{what}: the VMM reset the connection without OK ({exc}): "
+                           "nothing listens on that port in the guest") from None
+    line, sep, rest = buf.partition(b"\n")
+    if sep and line.split()[:1] == [b"OK"]:
+        return rest
+    if not buf:
+        raise HybridError(f"{what}: no answer to CONNECT within {ok_timeout_s:g} s "
+                          "(the VMM or its vsock backend is not answering)")
+    raise HybridError(f"{what}: the VMM answered {line[:40]!r}, not OK")
+
+
+async def connect(uds: Path | str, port: int, *,
+                  ok_timeout_s: float = CONNECT_OK_TIMEOUT_S) -> tuple[trio.SocketStream, bytes]:
+    """Host -> guest, one attempt: ``CONNECT <port>\n``, wait for ``OK <n>\n``.
+
+    Returns the stream and any bytes the guest sent after the OK line.
+    """
+    what = f"vsock port {port} through {uds}"
+    try:
+        stream = await trio.open_unix_socket(str(uds))
+    except OSError as exc:
+        raise NoBackend(f"{what}: {exc.strerror or exc} (is the VM running?)") from None
+    try:
+        rest = await handshake(stream, f"CONNECT {port}\n".encode(), what=what,
+                               ok_timeout_s=ok_timeout_s)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream, rest
+
+
 async def hybrid_connect(
     uds: Path | str, port: int, *, deadline_s: float = 10.0
 ) -> tuple[trio.SocketStream, bytes]:
-    """Host -> guest: ``CONNECT <port>\\n``, wait for ``OK <n>\\n``.
-
-    The VMM closes the socket without OK while nothing listens in the guest:
-    retry every ~100 ms until ``deadline_s``. Returns the stream and any
-    bytes the guest sent after the OK line (they belong to the session).
-    """
-    last = "no attempt"
+    """``connect``, retried every ~100 ms until ``deadline_s``: the VMM closes the
+    socket without OK while nothing listens in the guest yet (it is booting).
+    At the deadline the last attempt's error is raised, saying how long it tried."""
+    last: HybridError = NoBackend(f"vsock port {port} through {uds}: no attempt")
     with trio.move_on_after(deadline_s):
         while True:
             try:
-                stream = await trio.open_unix_socket(str(uds))
-            except OSError as exc:
-                last = f"{uds}: {exc.strerror or exc}"
-                await trio.sleep(CONNECT_RETRY_S)
-                continue
-            try:
-                await stream.send_all(f"CONNECT {port}\n".encode())
-                buf = b""
-                with trio.move_on_after(CONNECT_OK_TIMEOUT_S):
-                    while b"\n" not in buf and len(buf) < 64:
-                        chunk = await stream.receive_some(4096)
-                        if not chunk:
-                            break
-                        buf += chunk
-                line, sep, rest = buf.partition(b"\n")
-                if sep and line.split()[:1] == [b"OK"]:
-                    return stream, rest
-                last = f"answer {line[:40]!r}" if buf else "closed without OK"
-            except (trio.BrokenResourceError, OSError) as exc:
-                last = str(exc)
-            await stream.aclose()
+                return await connect(uds, port)
+            except HybridError as exc:
+                last = exc
             await trio.sleep(CONNECT_RETRY_S)
-    raise VmmError(f"hybrid vsock {uds} port {port}: no OK within {deadline_s:g} s "
-                   f"(last: {last})")
+    raise type(last)(f"{last}; still so after {deadline_s:g} s")
 
 
 # --- the vhost-user backend (QEMU) ------------------------------------------------

@@ -4,8 +4,8 @@ Roles live in their own modules: the Outbox (framing, backpressure, replay),
 the Supervisor (the workload: run, pump, stop, restart by a pure decision),
 the Reaper (the only waiter) and the exec sessions (ExecSessions). This module owns the
 nursery and the tasks between them: the host channel, signal forwarding,
-heartbeats/metrics and eth0 setup. ``run`` returns when the VM should power
-off; main.py does the power-off.
+heartbeats/metrics, eth0 setup and the agent API (kestrel/apiserver.py).
+``run`` returns when the VM should power off; main.py does the power-off.
 """
 
 from __future__ import annotations
@@ -163,6 +163,19 @@ class Agent:
                 m.workload_rss, m.workload_cpu_s = metrics.group_usage(sup.child.pgid)
             self.outbox.emit(m)
 
+    async def agent_api(self) -> None:
+        """Volant's agent API, inside a VM only: the vsock channel says kestrel is
+        a guest. Anywhere else (a namespace test's unix channel) AF_VSOCK would
+        reach this machine's hypervisor, so nothing here opens one."""
+        if self.cfg.channel.kind != "vsock":
+            return
+        from kestrel import apiserver  # after the spawn: not on the boot path
+
+        sup = self.supervisor
+        workload = sup.manifest.workload if sup.manifest else None
+        await apiserver.run(apiserver.Api(workload.url if workload else None,
+                                          lambda: sup.state))
+
     async def network_setup(self) -> None:
         ip = self.cfg.ip
         if ip is None:
@@ -203,6 +216,7 @@ async def run(agent: Agent, child: Child | None, error: SpawnError | None,
         else:
             nursery.start_soon(agent.heartbeat_loop)
             nursery.start_soon(agent.network_setup)
+            nursery.start_soon(agent.agent_api)
             status = await sup.supervise(child, error, nursery)
         sup.set_state("poweroff", f"status {status}")
         await agent.outbox.flush(FINAL_FLUSH_S)

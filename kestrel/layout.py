@@ -32,6 +32,9 @@ SERIAL_PORT_NAME = "org.kestrel.agent.0"
 # vsock port kestrel connects to on the host (CID 2) by default: the
 # command line codec owns the default, this is its name for the host.
 VSOCK_PORT = DEFAULT_VSOCK_PORT
+# vsock port of Volant's agent API in the guest (GET /healthz, /v1/... passthrough):
+# the port Volant's kestrel serves, so hosts written for Volant find it.
+AGENT_API_PORT = 8080
 
 # Modules the default image loads (dependencies are resolved by fledge).
 DEFAULT_MODULES = (

@@ -117,8 +117,12 @@ async def run_kestrel(
     scenario: Scenario | None = None,
     timeout: float = 60,
     serve: bool = True,
+    prelude: str = "",
 ) -> Run:
-    """Boot kestrel with ``doc`` as its manifest; return when it powers off."""
+    """Boot kestrel with ``doc`` as its manifest; return when it powers off.
+
+    ``prelude``: Python statements the interpreter runs before kestrel's main
+    (an audit hook, say)."""
     run = Run()
     tmp = Path(tempfile.mkdtemp(prefix="kestrel-", dir=SCRATCH))
     run.dir = tmp
@@ -136,7 +140,7 @@ async def run_kestrel(
         "unshare", "-pfmun", "--mount-proc", "--kill-child",
         "sh", "-c",
         'mount --bind "$0" /proc/cmdline && exec "$@"',
-        str(tmp / "cmdline"), *frozen_kestrel(),
+        str(tmp / "cmdline"), *frozen_kestrel(prelude),
     ]
     k = Kestrel(run)
     try:
@@ -193,9 +197,10 @@ def frozen_python() -> Path:
     return _frozen
 
 
-def frozen_kestrel() -> list[str]:
+def frozen_kestrel(prelude: str = "") -> list[str]:
     """argv that starts the frozen kestrel, as /bin/kestrel does in an image."""
-    return [str(frozen_python()), "-IOO", "-c", "from kestrel.main import main; main()"]
+    code = "from kestrel.main import main; main()"
+    return [str(frozen_python()), "-IOO", "-c", f"{prelude}\n{code}" if prelude else code]
 
 
 def _control_client(loop: SessionLoop) -> Callable[[trio.SocketStream], Awaitable[None]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,11 @@ from host.vsock import (
     BACKEND_SOCKET,
     AgentListener,
     BackendMissing,
+    HybridError,
+    NoBackend,
+    NotListening,
     backend_command,
+    connect,
     default_channel,
     find_backend,
     hybrid_connect,
@@ -222,8 +227,46 @@ async def test_connect_without_ok_gives_up_at_the_deadline(tmp_path: Path) -> No
 
     async with trio.open_nursery() as nursery:
         await _serve_unix(path, silent, nursery)
-        with pytest.raises(VmmError, match="no OK within"):
+        with pytest.raises(VmmError,
+                           match=r"no answer to CONNECT within 1 s .*; still so after 2\.5 s"):
             await hybrid_connect(path, VSOCK_PORT, deadline_s=2.5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_connect_says_at_once_that_nothing_listens(tmp_path: Path) -> None:
+    path = tmp_path / "vm.vsock"
+    seen: list[bytes] = []
+
+    async def nobody(stream: trio.SocketStream) -> None:
+        seen.append(await stream.receive_some(100))
+        await stream.aclose()  # what the VMM does when the guest resets the port
+
+    async with trio.open_nursery() as nursery:
+        await _serve_unix(path, nobody, nursery)
+        closed = re.escape("closed the connection without OK (nothing listens on that port")
+        with pytest.raises(NotListening, match=closed):
+            await connect(path, 8080)
+        nursery.cancel_scope.cancel()
+    assert seen == [b"CONNECT 8080\n"]
+
+
+async def test_connect_to_a_missing_socket_names_it(tmp_path: Path) -> None:
+    with pytest.raises(NoBackend, match=r"vm\.vsock: No such file or directory \(is the VM"):
+        await connect(tmp_path / "vm.vsock", 8080)
+
+
+async def test_a_vmm_answering_nonsense_is_not_taken_for_ok(tmp_path: Path) -> None:
+    path = tmp_path / "vm.vsock"
+
+    async def odd(stream: trio.SocketStream) -> None:
+        await stream.receive_some(100)
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    async with trio.open_nursery() as nursery:
+        await _serve_unix(path, odd, nursery)
+        answer = re.escape("the VMM answered b'HTTP/1.1 400 Bad Request\\r', not OK")
+        with pytest.raises(HybridError, match=answer):
+            await connect(path, 8080)
         nursery.cancel_scope.cancel()
 
 
