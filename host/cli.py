@@ -115,7 +115,11 @@ def _plugins_parser(pl: Any) -> None:
 def _vms_parser(vm: Any) -> None:
     c = vm.add_parser("create", help="boot a VM from a plugin")
     c.add_argument("name")
-    c.add_argument("--plugin", required=True)
+    c.add_argument("--plugin", help="the plugin to boot (or --from-snapshot)")
+    c.add_argument("--from-snapshot", metavar="DIR", help="restore a `vms snapshot` instead "
+                   "of booting (its plugin, kernel and VMM must be unchanged)")
+    c.add_argument("--machine", choices=("microvm", "q35"),
+                   help="QEMU machine (microvm by default; q35 can be snapshotted)")
     c.add_argument("--cpu", type=int)
     c.add_argument("--memory", type=int, help="MB")
     c.add_argument("--kernel")
@@ -129,6 +133,9 @@ def _vms_parser(vm: Any) -> None:
                    "(as root: a tap on vbr0 and an address from 192.168.127.0/24)")
     c.add_argument("--debug-shell", action="store_true", help="kestrel runs an unauthenticated "
                    "root shell on the serial console (`vms console NAME`)")
+    sn = vm.add_parser("snapshot", help="pause a running VM, save it, let it run on")
+    sn.add_argument("name")
+    sn.add_argument("--out", metavar="DIR", help="default: STATE_DIR/snapshots/NAME")
     vm.add_parser("list").add_argument("--json", action="store_true")
     for verb in ("show", "stats"):
         sp = vm.add_parser(verb)

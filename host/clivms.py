@@ -172,11 +172,16 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
         reconcile(store, None if a == "list" else [args.name])
     if a == "create":
         lifecycle.create(
-            store, args.name, plugin=args.plugin, cpu=args.cpu, memory=args.memory,
+            store, args.name, plugin=args.plugin or "", cpu=args.cpu, memory=args.memory,
             kernel=args.kernel, vmm=args.vmm, port=args.port, boot_timeout=args.timeout,
             say=args.output.step, channel=args.channel,
-            debug_shell=args.debug_shell, network=args.network,
+            debug_shell=args.debug_shell, network=args.network, machine=args.machine,
+            from_snapshot=args.from_snapshot,
         )
+    elif a == "snapshot":
+        where, size, seconds = lifecycle.take_snapshot(store, args.name, out=args.out)
+        args.output.step(f"Snapshot of {args.name} in {where}: {size / 1e6:.1f} MB, "
+                         f"{seconds:.2f} s paused (the VM runs on)")
     elif a == "list":
         vms = store.vms()
         if args.json:

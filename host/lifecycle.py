@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from host.errors import AlreadyExists, BootFailed, MissingKernel, VolarError
+from host.errors import AlreadyExists, BootFailed, MissingKernel, NotFound, VolarError
 from host.names import NAME_RULE, valid_name
 from host.rows import Vm
 from host.state import LIVE, TERMINAL, Store, proc_start_time, process_alive
@@ -25,6 +25,8 @@ from kestrel.layout import kernel_dir
 
 if TYPE_CHECKING:
     import subprocess
+
+    from host.snapshot import SnapshotMeta
 
 VMMS = ("qemu", "cloud-hypervisor")
 UP = ("running", "healthy", "unhealthy")
@@ -105,12 +107,24 @@ def create(
     channel: str | None = None,
     debug_shell: bool = False,
     network: str | None = None,
+    machine: str | None = None,
+    from_snapshot: str | None = None,
 ) -> Vm:
     from host import ipam
     from host.plugins import manifest_of
 
     if not valid_name(name):
         raise VolarError(f"invalid VM name {name!r}: {NAME_RULE}")
+    snap = None
+    if from_snapshot is not None:
+        snap = _restorable(store, Path(from_snapshot), plugin=plugin, vmm=vmm, kernel=kernel,
+                           network=network)
+        plugin, vmm, channel, machine = snap.plugin, snap.vmm, snap.channel, snap.machine
+        cpu, memory, debug_shell = snap.cpus, snap.memory_mb, snap.debug_shell
+    if not plugin:
+        raise VolarError("vms create: --plugin NAME, or --from-snapshot DIR")
+    if machine not in (None, "", "microvm", "q35"):
+        raise VolarError(f"--machine {machine}: expected microvm or q35")
     vmm = vmm or str(load_config(store).get("vmm", "qemu"))
     if vmm not in VMMS and ":" not in vmm:
         raise VolarError(f"unknown VMM {vmm!r}: expected one of {', '.join(VMMS)}")
@@ -151,10 +165,13 @@ def create(
         with store.transaction():
             store.db.execute(
                 "INSERT INTO vms (name, plugin, vmm, status, cpus, memory_mb, kernel, initramfs,"
-                " run_dir, host_port, created_at, channel, agent, debug_shell)"
-                " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " run_dir, host_port, created_at, channel, agent, debug_shell, machine,"
+                " snapshot, last_seq)"
+                " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, plugin, vmm, cpus, mem, str(kernel_path), row.artifact_path,
-                 str(run_dir), port, time.time(), channel, manifest.agent, int(debug_shell)),
+                 str(run_dir), port, time.time(), channel, manifest.agent, int(debug_shell),
+                 machine or "", str(Path(from_snapshot).resolve()) if from_snapshot else "",
+                 snap.last_seq if snap else 0),
             )
             store.add_event(name, "status", "pending", "created")
             store.allocate_cid(name)
@@ -169,7 +186,8 @@ def create(
         raise AlreadyExists(f"a VM named {name!r} already exists") from None
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(mode=0o700, parents=True)
-    say(f"Booting VM with {row.strategy} strategy...")
+    say(f"Restoring VM from snapshot {from_snapshot}..." if snap
+        else f"Booting VM with {row.strategy} strategy...")
     vm = store.vm(name)
     proc = spawn_monitor(store, vm, boot_timeout=boot_timeout)
     vm = wait_for_boot(store, name, proc, timeout=boot_timeout + 15)
@@ -180,6 +198,67 @@ def create(
     elif debug_shell:
         say(f"Debug shell: unauthenticated root on the serial console (`volar vms console {name}`)")
     return vm
+
+
+def _restorable(store: Store, directory: Path, *, plugin: str, vmm: str | None,
+                kernel: str | None, network: str | None) -> SnapshotMeta:
+    """The snapshot at ``directory``, checked against this host; SnapshotError if not."""
+    from host import snapshot
+    from kestrel.digest import sha256_file
+
+    meta = snapshot.load(directory)
+    if plugin and plugin != meta.plugin:
+        raise VolarError(f"--plugin {plugin}: snapshot {directory} is of plugin {meta.plugin!r}")
+    if vmm and vmm != meta.vmm:
+        raise VolarError(f"--vmm {vmm}: snapshot {directory} was taken under {meta.vmm}")
+    if network == "bridge":
+        raise VolarError("--network bridge: a restored VM would carry the snapshot's MAC and "
+                         "address onto the shared bridge; restores use user networking")
+    try:
+        plugin_sha: str | None = store.plugin(meta.plugin).artifact_sha256
+    except NotFound:
+        plugin_sha = None
+    kernel_path = resolve_kernel(store, kernel)
+    binary = "qemu-system-x86_64" if meta.vmm == "qemu" else meta.vmm
+    snapshot.check_restorable(meta, directory, plugin_sha256=plugin_sha,
+                              kernel_sha256=sha256_file(kernel_path),
+                              vmm_version=snapshot.vmm_version(binary))
+    return meta
+
+
+def take_snapshot(store: Store, name: str, *, out: str | None,
+                  timeout: float = 600) -> tuple[Path, int, float]:
+    """Ask the VM's monitor to snapshot it into ``out``; (directory, bytes, seconds)."""
+    import socket
+
+    from host.snapshot import META, SnapshotError
+
+    vm = store.vm(name)
+    if vm.status not in UP:
+        raise VolarError(f"VM {name} is {vm.status}: only a running VM can be snapshotted")
+    directory = (Path(out) if out else store.dir / "snapshots" / name).resolve()
+    if (directory / META).exists():
+        raise SnapshotError(f"{directory} already holds a snapshot; choose another --out")
+    made = not directory.exists()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    reply = b""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(Path(vm.run_dir) / CONTROL_SOCKET))
+            s.sendall(f"snapshot {directory}\n".encode())
+            while chunk := s.recv(4096):
+                reply += chunk
+    except OSError as exc:
+        reply = f"error VM {name}: its monitor did not answer ({exc})".encode()
+    text = reply.decode(errors="replace").strip()
+    if not text.startswith("ok "):
+        if made and not any(directory.iterdir()):
+            directory.rmdir()  # nothing half-made is left behind
+        raise SnapshotError(text.removeprefix("error ") or f"VM {name}: no answer from its "
+                            "monitor")
+    size, seconds = text.split()[1:3]
+    return directory, int(size), float(seconds)
 
 
 def _bridged(vmm: str, requested: str | None) -> bool:

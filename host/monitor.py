@@ -17,12 +17,15 @@ import shlex
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from host import snapshot
 from host.agentlink import AgentLink
+from host.errors import VolarError
 from host.exechub import read_line
 from host.ipam import GATEWAY, SUBNET
 from host.lifecycle import CONTROL_SOCKET
@@ -55,13 +58,17 @@ CONSOLE_TAIL_LINES = 20
 HELPER_GRACE_S = 1.0
 
 
-def make_driver(vmm: str, *, channel: str = "", guest_cid: int = 0) -> VmmDriver:
+def make_driver(vmm: str, *, channel: str = "", guest_cid: int = 0,
+                machine: str = "") -> VmmDriver:
     """The driver for ``--vmm``: qemu, cloud-hypervisor or ``module:Class``."""
     if vmm == "qemu":
         from host.qemu import QemuDriver
         from host.state import FIRST_GUEST_CID
 
-        return QemuDriver(channel=channel or "vsock", guest_cid=guest_cid or FIRST_GUEST_CID)
+        cid = guest_cid or FIRST_GUEST_CID
+        if machine:  # chosen at create (snapshots need q35); else the driver's default
+            return QemuDriver(channel=channel or "vsock", guest_cid=cid, machine=machine)
+        return QemuDriver(channel=channel or "vsock", guest_cid=cid)
     if vmm == "cloud-hypervisor":
         from host.cloud_hypervisor import CloudHypervisorDriver
 
@@ -110,6 +117,12 @@ class Monitor:
         self.helper_failed = ""  # a helper (the vsock backend) died under a live VMM
         self.agent = self.vm.agent  # "none": no hello to wait for, ever
         self.console: SerialConsole | None = None
+        # A snapshot swaps the vsock backend under this lock (_watch_helpers waits on it).
+        self.snapshot_lock = trio.Lock()
+        if self.vm.snapshot:
+            # Restored: every attach tells kestrel so, with this VM's identity.
+            self.link.session.restore_id = f"{name}-{uuid.uuid4().hex[:12]}"
+            self.link.session.hostname = name
 
     # --- launch -----------------------------------------------------------
 
@@ -152,7 +165,7 @@ class Monitor:
         store.update_vm(name, monitor_pid=os.getpid(), monitor_start=proc_start_time(os.getpid()))
         try:
             self.driver = make_driver(self.vm.vmm, channel=self.vm.channel,
-                                      guest_cid=self.vm.guest_cid)
+                                      guest_cid=self.vm.guest_cid, machine=self.vm.machine)
             self.spec = spec = self._spec(self.driver)
             command = shlex.join(self.driver.command(spec))
         except (VmmError, CmdlineError, OSError) as exc:
@@ -163,7 +176,11 @@ class Monitor:
         store.set_status(name, "starting", f"launching {self.driver.name}")
         launched = time.time()
         try:
-            self.running = running = await self.driver.start(spec)
+            if self.vm.snapshot:
+                self.running = running = await snapshot.restore(self.driver, spec,
+                                                                Path(self.vm.snapshot))
+            else:
+                self.running = running = await self.driver.start(spec)
         except (VmmError, OSError) as exc:
             log = spec.run_dir / "console.log"
             tail = console_tail(log)
@@ -186,8 +203,7 @@ class Monitor:
         self.link.launched_at = launched
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._wait_vmm, nursery.cancel_scope)
-            for helper in running.helpers:
-                nursery.start_soon(self._watch_helper, helper)
+            nursery.start_soon(self._watch_helpers, running)
             if spec.console_socket is not None:
                 self.console = SerialConsole(self.run_dir, running.console_log)
                 nursery.start_soon(self._serve_console, spec, running)
@@ -205,9 +221,22 @@ class Monitor:
             await running.release()
         self._finish()
 
-    async def _watch_helper(self, helper: Helper) -> None:
-        """A helper that dies under a live VMM crashes the VM: kestrel's channel is gone."""
-        await helper.process.wait()
+    async def _watch_helpers(self, running: Running) -> None:
+        """A helper that dies under a live VMM crashes the VM: kestrel's channel is gone.
+
+        One a snapshot replaced (its frontend was unplugged) is not a crash:
+        the snapshot holds the lock while it swaps, and the new one is watched.
+        """
+        while running.helpers:
+            helper = running.helpers[0]
+            await helper.process.wait()
+            async with self.snapshot_lock:
+                if helper not in running.helpers:
+                    continue
+            await self._helper_died(helper)
+            return
+
+    async def _helper_died(self, helper: Helper) -> None:
         if self.exited.is_set() or self.stop_requested:
             return
         self.helper_failed = helper.failure()
@@ -324,8 +353,34 @@ class Monitor:
                 await stream.send_all(b"ok\n")
             elif words[:1] == ["ping"]:
                 await stream.send_all(b"ok\n")
+            elif words[:1] == ["snapshot"] and len(words) >= 2:
+                await stream.send_all(await self._snapshot(Path(line.split(" ", 1)[1].strip())))
             else:
                 await stream.send_all(b"error unknown command\n")
+
+    async def _snapshot(self, directory: Path) -> bytes:
+        """``ok <bytes> <seconds>``, or ``error <one line>``; the VM runs on either way."""
+        assert self.driver is not None and self.spec is not None and self.running is not None
+        async with self.snapshot_lock:
+            status = self.store.vm(self.name).status
+            if status not in ("running", "healthy") or self.stop_requested:
+                return (f"error VM {self.name} is {status}: only a running VM can be "
+                        "snapshotted\n").encode()
+            try:
+                meta, took = await snapshot.take(
+                    self.driver, self.spec, self.running, directory=directory,
+                    vm=self.store.vm(self.name), plugin=self.plugin,
+                    last_seq=lambda: self.link.session.last_seq)
+            except (VmmError, VolarError, OSError) as exc:
+                line = " ".join(str(exc).split())
+                self.store.add_event(self.name, "snapshot", "failed", line)
+                return f"error {line}\n".encode()
+            backend = self.running.helpers[0].process.pid if self.running.helpers else 0
+            self.store.update_vm(self.name, backend_pid=backend,
+                                 backend_start=proc_start_time(backend) if backend else 0)
+        self.store.add_event(self.name, "snapshot", str(directory),
+                             f"{meta.state_bytes} bytes in {took:.2f} s")
+        return f"ok {meta.state_bytes} {took:.3f}\n".encode()
 
     async def _signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

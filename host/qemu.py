@@ -16,9 +16,12 @@ KESTREL_QEMU_MACHINE=q35 and KESTREL_QEMU_ACCEL=kvm override the defaults.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from host.qmp import QmpClient, QmpError
 from host.state import FIRST_GUEST_CID
 from host.vmm import Helper, LaunchSpec, Running, VmmError, prepare_launch, terminate
 from host.vsock import (
+    BACKEND_BINARY,
     BACKEND_SOCKET,
     AgentListener,
     hybrid_socket,
@@ -40,6 +44,13 @@ from kestrel.cmdline import Channel, parse_cmdline
 from kestrel.layout import SERIAL_PORT_NAME, VSOCK_PORT
 
 MACHINES = ("microvm", "q35")
+# q35's vsock device and the PCIe root port it sits on (a root port is what
+# makes it hot-pluggable: a device on pcie.0 itself cannot be unplugged).
+VSOCK_DEVICE = "vsock0"
+VSOCK_CHARDEV = "vvsock"
+VSOCK_PORT_ID = "vsockport"
+# The guest acks an ACPI unplug in ~50 ms under TCG; a busy host is slower.
+UNPLUG_TIMEOUT_S = 15.0
 CHANNELS = ("vsock", "serial")
 # user networking's fixed addresses (QEMU docs, "Using the user mode network stack").
 # QEMU user networking's fixed guest address and gateway, as kestrel's ip=.
@@ -146,7 +157,7 @@ class QemuDriver:
         # microvm has no PCI: its virtio devices sit on virtio-mmio.
         return f"virtio-{kind}-device" if self.machine == "microvm" else f"virtio-{kind}-pci"
 
-    def _channel_args(self, spec: LaunchSpec) -> list[str]:
+    def _channel_args(self, spec: LaunchSpec, *, incoming: bool = False) -> list[str]:
         run = spec.run_dir
         if self.channel == "serial":
             return [
@@ -157,14 +168,18 @@ class QemuDriver:
         # vhost-user: the backend maps guest RAM, so RAM is a shared memfd.
         device = ("vhost-user-vsock-device" if self.machine == "microvm"
                   else "vhost-user-vsock-pci")
-        return [
-            "-object", f"memory-backend-memfd,id=mem0,size={spec.memory_mb}M,share=on",
-            "-chardev", f"socket,id=vvsock,path={run / BACKEND_SOCKET}",
-            # The guest CID is the backend's (vhost-user config space), not a QEMU property.
-            "-device", f"{device},chardev=vvsock",
-        ]
+        args = ["-object", f"memory-backend-memfd,id=mem0,size={spec.memory_mb}M,share=on"]
+        if self.machine == "q35":
+            args += ["-device", f"pcie-root-port,id={VSOCK_PORT_ID},chassis=1"]
+            device += f",bus={VSOCK_PORT_ID}"
+        if incoming:
+            return args  # a restore plugs its own vsock in after loading (_plug_vsock)
+        # The guest CID is the backend's (vhost-user config space), not a QEMU property.
+        return [*args, "-chardev", f"socket,id={VSOCK_CHARDEV},path={run / BACKEND_SOCKET}",
+                "-device", f"{device},chardev={VSOCK_CHARDEV},id={VSOCK_DEVICE}"]
 
-    def command(self, spec: LaunchSpec) -> list[str]:
+    def command(self, spec: LaunchSpec, *, incoming: bool = False) -> list[str]:
+        """QEMU's command line; ``incoming``: the same machine, waiting for a saved state."""
         run = spec.run_dir
         # microvm keeps rtc on: without it the guest spends ~2 s more (measured under TCG).
         machine = "microvm,rtc=on,isa-serial=on" if self.machine == "microvm" else "q35"
@@ -201,7 +216,7 @@ class QemuDriver:
             "-chardev", (f"socket,id=con0,path={spec.console_socket}" if spec.console_socket
                          else f"file,id=con0,path={run / 'console.log'}"),
             "-serial", "chardev:con0",
-            *self._channel_args(spec),
+            *self._channel_args(spec, incoming=incoming),
             "-netdev", netdev,
             "-device", net,
             "-device", self._dev("rng"),  # entropy early: no boot stalls in getrandom
@@ -212,12 +227,18 @@ class QemuDriver:
                 "-drive", f"file={disk},if=none,id=disk{i},format=raw",
                 "-device", f"{self._dev('blk')},drive=disk{i}",
             ]
+        if incoming:
+            cmd += ["-incoming", "defer"]  # QMP migrate-incoming names the file
         return cmd
 
     # --- lifecycle --------------------------------------------------------------
 
-    async def start(self, spec: LaunchSpec) -> Running:
-        """Tap, listener, backend, QEMU, QMP - in that order; on failure nothing is left."""
+    async def start(self, spec: LaunchSpec, *, incoming: bool = False) -> Running:
+        """Tap, listener, backend, QEMU, QMP - in that order; on failure nothing is left.
+
+        ``incoming``: QEMU waits for a saved state (restore()) and has no vsock
+        device yet; the backend is already up for the one restore() plugs in.
+        """
         prepare_launch(spec, binary=self.binary, install_hint="apt-get install qemu-system-x86")
         backend = require_backend() if self.channel == "vsock" else None
         tap = spec.extra.get("tap", "")
@@ -239,7 +260,7 @@ class QemuDriver:
                 # QEMU talks vhost-user to the backend while creating the device.
                 helpers.append(await start_backend(backend, cid=self.guest_cid,
                                                    run_dir=spec.run_dir))
-            cmd = self.command(spec)
+            cmd = self.command(spec, incoming=incoming)
             (spec.run_dir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
             with open(spec.run_dir / "qemu.log", "wb") as qemu_log:
                 process = await trio.lowlevel.open_process(
@@ -369,6 +390,88 @@ class QemuDriver:
                 await process.wait()
         await self._kill(running)
         await running.release()
+
+    # --- snapshots ----------------------------------------------------------------
+    # QEMU 7.2 marks vhost-user-vsock unmigratable (hw/virtio/vhost-user-vsock.c:
+    # .unmigratable = 1), and so does 10.0 from bookworm-backports for a device
+    # with a vhost-user backend: a migration with it is refused. So the device
+    # leaves the machine before the migration and a new one, on a fresh backend,
+    # joins every VM after it; kestrel's connection resets and it reconnects.
+    # Only a PCIe root port unplugs cleanly (microvm's virtio-mmio has no
+    # hot-unplug, and the guest hung when it was tried): snapshots need q35.
+
+    def check_snapshot(self, name: str) -> None:
+        """Refuse, in one line, a VM this driver cannot snapshot."""
+        if self.machine != "q35":
+            raise VmmError(f"{name} runs on QEMU's {self.machine} machine, whose vsock device "
+                           "cannot be unplugged for a snapshot; create it with --machine q35")
+        if self.channel != "vsock":
+            raise VmmError(f"{name} talks over {self.channel}: snapshots are made with the "
+                           "vsock channel only")
+
+    async def snapshot(self, spec: LaunchSpec, running: Running, state: Path, *,
+                       paused: Callable[[], None] = lambda: None) -> None:
+        """Unplug vsock, pause, migrate to ``state``; then a fresh vsock and run again.
+
+        ``paused`` runs while the guest is stopped and its channel gone: what
+        the host holds then is exactly what the saved guest has sent.
+        """
+        self.check_snapshot(spec.name)
+        partial = state.with_name(state.name + ".partial")
+        try:
+            async with await QmpClient.connect(spec.run_dir / "qmp.sock", timeout=10) as qmp:
+                await qmp.device_del(VSOCK_DEVICE, timeout=UNPLUG_TIMEOUT_S)
+                try:
+                    await qmp.execute("stop")
+                    paused()
+                    await qmp.migrate_to(f"exec:cat > {shlex.quote(str(partial))}")
+                    partial.rename(state)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._plug_vsock(qmp, spec, running, new_backend=True)
+                        await qmp.execute("cont")
+        except QmpError as exc:
+            raise VmmError(f"{spec.name}: snapshot: {exc}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+
+    async def restore(self, spec: LaunchSpec, state: Path) -> Running:
+        """A new QEMU that loads ``state``, then gets its own vsock backend and runs."""
+        self.check_snapshot(spec.name)
+        running = await self.start(spec, incoming=True)
+        try:
+            async with await self._qmp(spec, running) as qmp:
+                await qmp.migrate_from(f"exec:cat {shlex.quote(str(state))}")
+                await self._plug_vsock(qmp, spec, running, new_backend=False)
+                await qmp.execute("cont")
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await self._kill(running)
+                await running.release()
+            if isinstance(exc, QmpError):
+                if running.process.returncode is not None:
+                    raise self._qemu_failure(spec, running) from None
+                raise VmmError(f"{spec.name}: restore: {exc}") from None
+            raise
+        return running
+
+    async def _plug_vsock(self, qmp: QmpClient, spec: LaunchSpec, running: Running, *,
+                          new_backend: bool) -> None:
+        """Chardev and device for a vsock; ``new_backend``: replace the one whose
+        frontend went away with the unplug (a restore's start() made a fresh one)."""
+        if new_backend:
+            for helper in [h for h in running.helpers if h.name == BACKEND_BINARY]:
+                await helper.stop()
+                running.helpers.remove(helper)
+            with contextlib.suppress(QmpError):  # the unplugged device's chardev
+                await qmp.execute("chardev-remove", {"id": VSOCK_CHARDEV})
+            running.helpers.append(await start_backend(require_backend(), cid=self.guest_cid,
+                                                       run_dir=spec.run_dir))
+        await qmp.execute("chardev-add", {"id": VSOCK_CHARDEV, "backend": {
+            "type": "socket", "data": {"server": False, "addr": {
+                "type": "unix", "data": {"path": str(spec.run_dir / BACKEND_SOCKET)}}}}})
+        await qmp.execute("device_add", {"driver": "vhost-user-vsock-pci", "id": VSOCK_DEVICE,
+                                         "chardev": VSOCK_CHARDEV, "bus": VSOCK_PORT_ID})
 
     async def _kill(self, running: Running) -> None:
         await terminate(running.process, grace=3.0, what="QEMU")

@@ -16,6 +16,10 @@ from typing import Any
 
 import trio
 
+# Migration to a local file: no reason to pace it (QEMU's default cap is 128 MiB/s).
+MAX_BANDWIDTH = 1 << 40
+MIGRATE_POLL_S = 0.02
+
 
 class QmpError(RuntimeError):
     """QEMU refused a command, closed the socket or could not be reached."""
@@ -122,6 +126,53 @@ class QmpClient:
     async def human(self, command_line: str) -> str:
         reply = await self.execute("human-monitor-command", {"command-line": command_line})
         return str(reply)
+
+    async def wait_event(self, name: str, *, timeout: float, device: str | None = None
+                         ) -> dict[str, Any]:
+        """The next ``name`` event (one that came during a command counts too)."""
+        with trio.move_on_after(timeout):
+            while True:
+                for event in self.events:
+                    data = event.get("data") or {}
+                    if event.get("event") == name and device in (None, data.get("device")):
+                        self.events.remove(event)
+                        return event
+                msg = await self._read()
+                if "event" in msg:
+                    self.events.append(msg)
+        raise QmpError(f"no {name} event within {timeout:g} s")
+
+    async def device_del(self, ident: str, *, timeout: float) -> None:
+        """Unplug a device and wait until the guest has let it go (DEVICE_DELETED)."""
+        await self.execute("device_del", {"id": ident})
+        # The device's own event (its virtio-backend child sends one without an id).
+        await self.wait_event("DEVICE_DELETED", timeout=timeout, device=ident)
+
+    async def _migration(self) -> dict[str, Any]:
+        """Poll query-migrate until it ends; QmpError with QEMU's reason on failure."""
+        while True:
+            info = await self.execute("query-migrate")
+            status = info.get("status", "") if isinstance(info, dict) else ""
+            if status == "completed":
+                return dict(info)
+            if status in ("failed", "cancelled"):
+                raise QmpError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+            await trio.sleep(MIGRATE_POLL_S)
+
+    async def migrate_to(self, uri: str) -> dict[str, Any]:
+        """Save the (paused) machine to ``uri``; returns query-migrate's final answer."""
+        await self.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+        await self.execute("migrate", {"uri": uri})
+        return await self._migration()
+
+    async def migrate_from(self, uri: str) -> None:
+        """Load a machine started with ``-incoming defer`` from ``uri``; it stays paused."""
+        await self.execute("migrate-incoming", {"uri": uri})
+        while await self.status() == "inmigrate":
+            await trio.sleep(MIGRATE_POLL_S)
+        status = await self.status()
+        if status not in ("paused", "postmigrate", "prelaunch"):
+            raise QmpError(f"migration load ended in state {status!r}")
 
     async def forwarded_port(self, guest_port: int) -> int | None:
         """The host port QEMU bound for ``hostfwd=tcp:...-:guest_port`` (port 0 picks one)."""

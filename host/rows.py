@@ -97,6 +97,9 @@ class Vm:
     # agent (custom/none init): nothing there speaks the protocol (no exec, no logs).
     agent: str = "kestrel"
     debug_shell: bool = False
+    # QEMU's -M ("" = the driver's default); the snapshot directory a restored VM came from.
+    machine: str = ""
+    snapshot: str = ""
 
     @property
     def uptime(self) -> float | None:

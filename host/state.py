@@ -113,6 +113,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE vms ADD COLUMN agent TEXT NOT NULL DEFAULT 'kestrel';
     ALTER TABLE vms ADD COLUMN debug_shell INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: QEMU's machine ('' = the driver's default) and, for a VM restored from a
+    # snapshot, the snapshot directory its monitor restores instead of booting.
+    """
+    ALTER TABLE vms ADD COLUMN machine TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vms ADD COLUMN snapshot TEXT NOT NULL DEFAULT '';
+    """,
 ]
 # linux/vm_sockets.h: CIDs 0-2 are the hypervisor, local and the host.
 FIRST_GUEST_CID = 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -157,4 +158,24 @@ class SerialConsoleDriver(Protocol):
 
     async def powerdown(self, spec: LaunchSpec, running: Running) -> None:
         """Ask the guest to power off (ACPI power button); returns at once."""
+        ...
+
+
+@runtime_checkable
+class SnapshotDriver(Protocol):
+    """A driver that can save a running VM and start a new one from the saved state."""
+
+    binary: str  # its --version is recorded: a saved state is good for that VMM only
+
+    def check_snapshot(self, name: str) -> None:
+        """VmmError, in one line, if this VM's configuration cannot be snapshotted."""
+        ...
+
+    async def snapshot(self, spec: LaunchSpec, running: Running, state: Path, *,
+                       paused: Callable[[], None] = ...) -> None:
+        """Pause, save to ``state`` (calling ``paused`` while stopped), run on."""
+        ...
+
+    async def restore(self, spec: LaunchSpec, state: Path) -> Running:
+        """A new VMM that loads ``state`` and runs; on failure nothing is left."""
         ...

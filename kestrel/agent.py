@@ -24,7 +24,17 @@ from kestrel.execproto import EXEC_MESSAGES
 from kestrel.execsession import ExecSessions
 from kestrel.manifest import Manifest
 from kestrel.outbox import Outbox
-from kestrel.protocol import Attach, Fatal, GuestSession, Heartbeat, Metrics, Signal, Stop, Timeline
+from kestrel.protocol import (
+    Attach,
+    Fatal,
+    GuestSession,
+    Health,
+    Heartbeat,
+    Metrics,
+    Signal,
+    Stop,
+    Timeline,
+)
 from kestrel.reaper import Reaper
 from kestrel.spawn import Child, SpawnError
 from kestrel.supervisor import Supervisor
@@ -110,6 +120,9 @@ class Agent:
         for line in lines:
             console(line)
         self.outbox.emit(Timeline(mark="restored", uptime=uptime()))
+        if self.supervisor.health:
+            # The new VM's host has heard no health yet: say where it stands.
+            self.outbox.emit(Health(status=self.supervisor.health, detail="restored"))
 
     async def channel_loop(self, outer: trio.Nursery) -> None:
         if self.cfg.channel.kind == "none":
