@@ -123,11 +123,24 @@ def test_qemu_vsock_has_shared_memory_and_the_vhost_user_device(
     assert "memory-backend-memfd,id=mem0,size=256M,share=on" in cmd
     assert cmd[cmd.index("-M") + 1].endswith(",memory-backend=mem0")
     assert f"socket,id=vvsock,path={tmp_path}/{BACKEND_SOCKET}" in cmd
-    assert f"{device},chardev=vvsock" in cmd
+    (dev,) = [w for w in cmd if w.startswith(device)]
+    assert "chardev=vvsock" in dev and "id=vsock0" in dev  # snapshots unplug it by id
+    assert ("bus=vsockport" in dev) == (machine == "q35")  # a hot-pluggable root port
     assert not any("virtserialport" in word for word in cmd)
     # kestrel's own default channel is vsock:9000: the driver adds none.
     assert "kestrel.channel" not in driver.guest_cmdline(_spec(tmp_path))
     assert str(driver.agent_channel()) == f"vsock:{VSOCK_PORT}"
+
+
+def test_qemu_restore_command_waits_for_the_state_and_has_no_vsock_yet(tmp_path: Path) -> None:
+    """A restore loads the snapshot first, then plugs in its own vsock (migration refuses one)."""
+    driver = QemuDriver(machine="q35", guest_cid=5)
+    cold, restore = driver.command(_spec(tmp_path)), driver.command(_spec(tmp_path), incoming=True)
+    assert restore[-2:] == ["-incoming", "defer"]
+    assert not any("vhost-user-vsock" in w or "id=vvsock" in w for w in restore)
+    assert "pcie-root-port,id=vsockport,chassis=1" in restore  # where the vsock goes
+    for option in ("-M", "-m", "-smp", "-append"):  # the same machine the state came from
+        assert cold[cold.index(option) + 1] == restore[restore.index(option) + 1]
 
 
 def test_qemu_serial_channel_keeps_virtio_serial(tmp_path: Path) -> None:

@@ -7,8 +7,14 @@ they run only inside a VM: vm-tests/test_snapshot.py shows their effects.
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from host.snapshot import SnapshotError, SnapshotMeta, check_restorable, load, save
 from kestrel.protocol import (
     Attach,
     FrameDecoder,
@@ -107,3 +113,54 @@ async def test_kestrel_told_of_a_restore_takes_the_hostname_and_marks_restored()
     assert "kernel RNG reseeded with 32 bytes" in run.console
     assert "wall clock stepped" not in run.console
     assert run.exits[0].status == 0
+
+
+# --- volar's side: a snapshot directory is checked before anything starts -------
+
+
+def _meta(tmp_path: Path, **change: object) -> SnapshotMeta:
+    (tmp_path / "state").write_bytes(b"x" * 100)
+    base = SnapshotMeta(format=1, vm="src", taken_at=0.0, plugin="caddy", plugin_sha256="a" * 64,
+                        kernel="/k", kernel_sha256="b" * 64, vmm="qemu", vmm_version="QEMU 7.2",
+                        machine="q35", cpus=1, memory_mb=384, channel="vsock", guest_port=80,
+                        last_seq=9, state_bytes=100)
+    return replace(base, **change)  # type: ignore[arg-type]
+
+
+def _check(tmp_path: Path, meta: SnapshotMeta, **given: Any) -> None:
+    facts: dict[str, Any] = {"plugin_sha256": "a" * 64, "kernel_sha256": "b" * 64,
+                             "vmm_version": "QEMU 7.2", **given}
+    check_restorable(meta, tmp_path, **facts)
+
+
+def test_a_snapshot_round_trips_and_matches_its_host(tmp_path: Path) -> None:
+    meta = _meta(tmp_path)
+    save(tmp_path, meta)
+    assert load(tmp_path) == meta
+    _check(tmp_path, meta)
+
+
+@pytest.mark.parametrize(("given", "state_bytes", "expect"), [
+    ({}, 200, "is 100 bytes, the snapshot recorded 200: truncated or altered"),
+    ({"plugin_sha256": None}, 100, "plugin 'caddy' is not installed"),
+    ({"plugin_sha256": "c" * 64}, 100, "plugin 'caddy' changed since the snapshot"),
+    ({"kernel_sha256": "d" * 64}, 100, "the kernel changed since the snapshot"),
+    ({"vmm_version": "QEMU 10.0"}, 100, "taken with 'QEMU 7.2', this host runs 'QEMU 10.0'"),
+])
+def test_restores_against_anything_else_are_refused_in_one_line(
+        tmp_path: Path, given: dict[str, Any], state_bytes: int, expect: str) -> None:
+    with pytest.raises(SnapshotError, match=re.escape(expect)) as err:
+        _check(tmp_path, _meta(tmp_path, state_bytes=state_bytes), **given)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_unreadable_snapshots_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotError, match=r"snapshot\.json does not exist"):
+        load(tmp_path)
+    (tmp_path / "snapshot.json").write_text("{not json")
+    with pytest.raises(SnapshotError, match="unreadable"):
+        load(tmp_path)
+    meta = _meta(tmp_path)
+    (tmp_path / "state").unlink()
+    with pytest.raises(SnapshotError, match=r"its saved state .* is missing"):
+        _check(tmp_path, meta)
