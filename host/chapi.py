@@ -3,8 +3,11 @@
 Endpoints from cloud-hypervisor's docs/api.md and its OpenAPI document
 (vmm/src/api/openapi/cloud-hypervisor.yaml), all under /api/v1:
 GET vmm.ping -> 200 VmmPingResponse, GET vm.info -> 200 VmInfo, and PUT
-vm.shutdown, vm.power-button, vmm.shutdown -> 204. One request per
-connection, as curl --unix-socket does.
+vm.shutdown, vm.power-button, vmm.shutdown, vm.pause, vm.resume -> 204, PUT
+vm.snapshot with a VmSnapshotConfig {"destination_url": "file:///dir"} ->
+204 (docs/snapshot_restore.md: the VM must be paused first; a restore is
+``--restore source_url=file:///dir`` and leaves the VM paused). One request
+per connection, as curl --unix-socket does.
 """
 
 from __future__ import annotations
@@ -79,13 +82,15 @@ class CloudHypervisorApi:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    async def _call(self, method: str, endpoint: str, *, expect: tuple[int, ...]) -> bytes:
-        status, body = await request(self.socket_path, method, endpoint, timeout=self.timeout)
+    async def _call(self, method: str, endpoint: str, *, expect: tuple[int, ...],
+                    body: Any = None, timeout: float | None = None) -> bytes:
+        status, answer = await request(self.socket_path, method, endpoint, body=body,
+                                       timeout=timeout or self.timeout)
         if status not in expect:
-            text = body.decode("utf-8", "replace").strip()[:300]
+            text = answer.decode("utf-8", "replace").strip()[:300]
             raise ChApiError(endpoint, f"HTTP {status}" + (f": {text}" if text else ""),
                              status=status)
-        return body
+        return answer
 
     async def _json(self, endpoint: str) -> dict[str, Any]:
         body = await self._call("GET", endpoint, expect=(200,))
@@ -113,3 +118,14 @@ class CloudHypervisorApi:
 
     async def shutdown_vmm(self) -> None:
         await self._call("PUT", "vmm.shutdown", expect=(200, 204))
+
+    async def pause(self) -> None:
+        await self._call("PUT", "vm.pause", expect=(200, 204))
+
+    async def resume(self) -> None:
+        await self._call("PUT", "vm.resume", expect=(200, 204))
+
+    async def snapshot(self, destination: Path, *, timeout: float = 300.0) -> None:
+        """Save the paused VM into ``destination`` (an existing directory)."""
+        await self._call("PUT", "vm.snapshot", expect=(200, 204), timeout=timeout,
+                         body={"destination_url": f"file://{destination}"})

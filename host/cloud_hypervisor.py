@@ -10,9 +10,14 @@ Stop goes through the REST API (power button, then vmm.shutdown), then signals. 
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -63,7 +68,14 @@ class CloudHypervisorDriver:
         cmd += ["--cmdline", spec.cmdline]
         return cmd
 
-    async def start(self, spec: LaunchSpec) -> Running:
+    def restore_command(self, spec: LaunchSpec, snapshot: Path) -> list[str]:
+        """CH rebuilds the VM from the snapshot's config.json (retarget() made it ours)."""
+        api, _, _ = _paths(spec)
+        return [self.binary, "--api-socket", f"path={api}",
+                "--restore", f"source_url=file://{snapshot}"]
+
+    async def start(self, spec: LaunchSpec, *, restore_from: Path | None = None) -> Running:
+        """CH, its API up; ``restore_from``: a retargeted snapshot (the VM stays paused)."""
         prepare_launch(spec, binary=self.binary, install_hint="install cloud-hypervisor")
         api, vsock, console = _paths(spec)
         for stale in (api, vsock, console, spec.console_socket):
@@ -80,7 +92,8 @@ class CloudHypervisorDriver:
         try:
             with open(spec.run_dir / "cloud-hypervisor.log", "wb") as log:
                 process = await trio.lowlevel.open_process(
-                    self.command(spec), stdin=subprocess.DEVNULL, stdout=log,
+                    (self.restore_command(spec, restore_from) if restore_from
+                     else self.command(spec)), stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True,  # outlives its monitor
                 )
         except BaseException:
@@ -154,3 +167,67 @@ class CloudHypervisorDriver:
                 await process.wait()
         await terminate(process, grace=3.0, what="cloud-hypervisor")
         await running.release()  # the tap too
+
+    # --- snapshots (docs/snapshot_restore.md: pause, vm.snapshot, resume) ------------
+
+    def check_snapshot(self, name: str) -> None:
+        """CH snapshots any VM it runs; what a copy cannot change is refused at restore."""
+
+    async def snapshot(self, spec: LaunchSpec, running: Running, state: Path, *,
+                       paused: Callable[[], None] = lambda: None) -> None:
+        """vm.pause, vm.snapshot into ``state`` (a new directory), vm.resume whatever happened."""
+        api = CloudHypervisorApi(_paths(spec)[0], timeout=self.api_timeout)
+        state.mkdir(mode=0o700, parents=True)
+        await api.pause()
+        try:
+            paused()
+            await api.snapshot(state)
+        finally:
+            with trio.CancelScope(shield=True):
+                await api.resume()
+
+    async def restore(self, spec: LaunchSpec, state: Path) -> Running:
+        """A private copy of the snapshot pointed at this VM's sockets, CH --restore, resume."""
+        api, vsock, _ = _paths(spec)
+        local = spec.run_dir / "snapshot"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(mode=0o700, parents=True)
+        for item in state.iterdir():
+            if item.name != "config.json":
+                (local / item.name).symlink_to(item)  # memory ranges: read, never written
+        config = json.loads((state / "config.json").read_text())
+        doc = retarget(config, vsock=vsock, cid=int(spec.extra.get("cid", FIRST_GUEST_CID)),
+                       serial=spec.console_socket)
+        (local / "config.json").write_text(json.dumps(doc))
+        running = await self.start(spec, restore_from=local)
+        try:
+            await CloudHypervisorApi(api, timeout=self.api_timeout).resume()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.shutdown(spec, running, timeout=2.0)
+            raise
+        return running
+
+
+def retarget(config: dict[str, Any], *, vsock: Path, cid: int,
+             serial: Path | None) -> dict[str, Any]:
+    """CH's saved VmConfig with this VM's vsock socket, CID and console socket.
+
+    CH restores devices exactly as saved, so the source's sockets would be
+    reused by the copy. A network device cannot be retargeted: its MAC (and
+    the guest's address) are in the saved state, and two copies on the
+    shared bridge would collide, so that is refused.
+    """
+    doc = copy.deepcopy(config)
+    nets = doc.get("net") or []
+    if nets:
+        macs = ", ".join(str(n.get("mac", "?")) for n in nets)
+        raise VmmError(f"the snapshot's VM has a network device (MAC {macs}) on the shared "
+                       "bridge; a restored copy would reuse its MAC and address: refused")
+    vs = doc.get("vsock")
+    if not isinstance(vs, dict):
+        raise VmmError("the snapshot's VM has no vsock device: kestrel could not reach the host")
+    vs.update(socket=str(vsock), cid=cid)
+    if serial is not None and isinstance(doc.get("serial"), dict):
+        doc["serial"].update(mode="Socket", socket=str(serial), file=None)
+    return doc

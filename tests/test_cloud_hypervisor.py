@@ -22,8 +22,8 @@ import trio
 
 from host.bridge import create_tap, delete_tap, ensure_bridge
 from host.chapi import ChApiError, CloudHypervisorApi
-from host.cloud_hypervisor import CloudHypervisorDriver
-from host.vmm import LaunchSpec, VmmError
+from host.cloud_hypervisor import CloudHypervisorDriver, retarget
+from host.vmm import LaunchSpec, Running, VmmError
 from kestrel.layout import VSOCK_PORT
 
 
@@ -80,6 +80,9 @@ ROUTES: dict[tuple[bytes, bytes], tuple[int, bytes]] = {
     (b"PUT", b"/api/v1/vm.shutdown"): (204, b""),
     (b"PUT", b"/api/v1/vm.power-button"): (204, b""),
     (b"PUT", b"/api/v1/vmm.shutdown"): (204, b""),
+    (b"PUT", b"/api/v1/vm.pause"): (204, b""),
+    (b"PUT", b"/api/v1/vm.resume"): (204, b""),
+    (b"PUT", b"/api/v1/vm.snapshot"): (204, b""),
 }
 
 
@@ -171,6 +174,88 @@ async def test_api_error_carries_status_and_body(tmp_path: Path) -> None:
 async def test_api_socket_missing_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(ChApiError, match=str(tmp_path / "absent.sock")):
         await CloudHypervisorApi(tmp_path / "absent.sock").ping()
+
+
+# --- snapshots: the CH edge of `volar vms snapshot` / `--from-snapshot` ------------
+
+
+async def test_snapshot_pauses_saves_and_resumes_through_the_api(tmp_path: Path) -> None:
+    """docs/snapshot_restore.md: vm.pause, vm.snapshot {destination_url}, vm.resume."""
+    server = FakeChApi()
+    spec = _spec(tmp_path)
+    seen_paused: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await _serve_unix(tmp_path / "caddy-demo.sock", server.handle, nursery)
+        process = await trio.lowlevel.open_process(["sleep", "30"])
+        running = Running(process=process, console_log=tmp_path / "console.log")
+        await CloudHypervisorDriver().snapshot(
+            spec, running, tmp_path / "snap" / "vmm",
+            paused=lambda: seen_paused.append(len(server.requests)))
+        process.kill()
+        await process.wait()
+        nursery.cancel_scope.cancel()
+    assert [(r["method"], r["target"]) for r in server.requests] == [
+        (b"PUT", b"/api/v1/vm.pause"), (b"PUT", b"/api/v1/vm.snapshot"),
+        (b"PUT", b"/api/v1/vm.resume")]
+    assert seen_paused == [1]  # the host's position is read while the guest is paused
+    body = json.loads(server.requests[1]["body"])
+    assert body == {"destination_url": f"file://{tmp_path / 'snap' / 'vmm'}"}
+    assert server.requests[1]["headers"][b"content-type"] == b"application/json"
+
+
+async def test_a_failed_snapshot_still_resumes_the_vm(tmp_path: Path) -> None:
+    seen: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                seen.append(event.target)
+        status = 500 if seen[-1].endswith(b"vm.snapshot") else 204
+        body = b'"Failed to snapshot: No space left on device"' if status == 500 else b""
+        await stream.send_all(conn.send(h11.Response(
+            status_code=status, headers=[("Content-Length", str(len(body)))]))
+            + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        await _serve_unix(tmp_path / "caddy-demo.sock", handler, nursery)
+        process = await trio.lowlevel.open_process(["sleep", "30"])
+        running = Running(process=process, console_log=tmp_path / "console.log")
+        with pytest.raises(ChApiError, match=r"vm\.snapshot: HTTP 500.*No space left"):
+            await CloudHypervisorDriver().snapshot(_spec(tmp_path), running, tmp_path / "s")
+        process.kill()
+        await process.wait()
+        nursery.cancel_scope.cancel()
+    assert seen == [b"/api/v1/vm.pause", b"/api/v1/vm.snapshot", b"/api/v1/vm.resume"]
+
+
+SAVED_CONFIG: dict[str, Any] = {
+    "cpus": {"boot_vcpus": 1}, "memory": {"size": 536870912},
+    "serial": {"file": None, "mode": "Socket", "socket": "/run/src/serial.sock", "iommu": False},
+    "vsock": {"cid": 3, "socket": "/run/src/vsock.sock", "iommu": False, "id": "_vsock0"},
+    "net": None,
+}
+
+
+def test_restore_points_the_saved_config_at_the_copys_sockets(tmp_path: Path) -> None:
+    doc = retarget(SAVED_CONFIG, vsock=tmp_path / "vsock.sock", cid=7,
+                   serial=tmp_path / "serial.sock")
+    assert doc["vsock"] == {"cid": 7, "socket": str(tmp_path / "vsock.sock"), "iommu": False,
+                            "id": "_vsock0"}
+    assert doc["serial"]["socket"] == str(tmp_path / "serial.sock")
+    assert SAVED_CONFIG["vsock"]["socket"] == "/run/src/vsock.sock"  # the snapshot is untouched
+    cmd = CloudHypervisorDriver().restore_command(_spec(tmp_path), tmp_path / "snapshot")
+    assert cmd == ["cloud-hypervisor", "--api-socket", f"path={tmp_path / 'caddy-demo.sock'}",
+                   "--restore", f"source_url=file://{tmp_path / 'snapshot'}"]
+
+
+def test_restoring_a_vm_with_a_bridge_mac_is_refused(tmp_path: Path) -> None:
+    saved = {**SAVED_CONFIG, "net": [{"tap": "vttap-src", "mac": "02:aa:bb:cc:dd:ee"}]}
+    with pytest.raises(VmmError, match=r"MAC 02:aa:bb:cc:dd:ee.*a restored copy would reuse"):
+        retarget(saved, vsock=tmp_path / "v", cid=7, serial=None)
 
 
 # --- tap networking in a private network namespace ------------------------------
