@@ -16,10 +16,8 @@ KESTREL_QEMU_MACHINE=q35 and KESTREL_QEMU_ACCEL=kvm override the defaults.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shlex
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +30,6 @@ from host.qmp import QmpClient, QmpError
 from host.state import FIRST_GUEST_CID
 from host.vmm import Helper, LaunchSpec, Running, VmmError, prepare_launch, terminate
 from host.vsock import (
-    BACKEND_BINARY,
     BACKEND_SOCKET,
     AgentListener,
     hybrid_socket,
@@ -44,13 +41,10 @@ from kestrel.cmdline import Channel, parse_cmdline
 from kestrel.layout import SERIAL_PORT_NAME, VSOCK_PORT
 
 MACHINES = ("microvm", "q35")
-# q35's vsock device and the PCIe root port it sits on (a root port is what
-# makes it hot-pluggable: a device on pcie.0 itself cannot be unplugged).
+# q35's vsock device and the PCIe root port it sits on (host/qemusnap.py unplugs it).
 VSOCK_DEVICE = "vsock0"
 VSOCK_CHARDEV = "vvsock"
 VSOCK_PORT_ID = "vsockport"
-# The guest acks an ACPI unplug in ~50 ms under TCG; a busy host is slower.
-UNPLUG_TIMEOUT_S = 15.0
 CHANNELS = ("vsock", "serial")
 # user networking's fixed addresses (QEMU docs, "Using the user mode network stack").
 # QEMU user networking's fixed guest address and gateway, as kestrel's ip=.
@@ -391,87 +385,23 @@ class QemuDriver:
         await self._kill(running)
         await running.release()
 
-    # --- snapshots ----------------------------------------------------------------
-    # QEMU 7.2 marks vhost-user-vsock unmigratable (hw/virtio/vhost-user-vsock.c:
-    # .unmigratable = 1), and so does 10.0 from bookworm-backports for a device
-    # with a vhost-user backend: a migration with it is refused. So the device
-    # leaves the machine before the migration and a new one, on a fresh backend,
-    # joins every VM after it; kestrel's connection resets and it reconnects.
-    # Only a PCIe root port unplugs cleanly (microvm's virtio-mmio has no
-    # hot-unplug, and the guest hung when it was tried): snapshots need q35.
+    # --- snapshots (host/qemusnap.py: why q35 and a vsock unplug) ---------------
 
     def check_snapshot(self, name: str) -> None:
-        """Refuse, in one line, a VM this driver cannot snapshot."""
-        if self.machine != "q35":
-            raise VmmError(f"{name} runs on QEMU's {self.machine} machine, whose vsock device "
-                           "cannot be unplugged for a snapshot; create it with --machine q35")
-        if self.channel != "vsock":
-            raise VmmError(f"{name} talks over {self.channel}: snapshots are made with the "
-                           "vsock channel only")
+        from host import qemusnap
+
+        qemusnap.check(self, name)
 
     async def snapshot(self, spec: LaunchSpec, running: Running, state: Path, *,
                        paused: Callable[[], None] = lambda: None) -> None:
-        """Unplug vsock, pause, migrate to ``state``; then a fresh vsock and run again.
+        from host import qemusnap
 
-        ``paused`` runs while the guest is stopped and its channel gone: what
-        the host holds then is exactly what the saved guest has sent.
-        """
-        self.check_snapshot(spec.name)
-        partial = state.with_name(state.name + ".partial")
-        try:
-            async with await QmpClient.connect(spec.run_dir / "qmp.sock", timeout=10) as qmp:
-                await qmp.device_del(VSOCK_DEVICE, timeout=UNPLUG_TIMEOUT_S)
-                try:
-                    await qmp.execute("stop")
-                    paused()
-                    await qmp.migrate_to(f"exec:cat > {shlex.quote(str(partial))}")
-                    partial.rename(state)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await self._plug_vsock(qmp, spec, running, new_backend=True)
-                        await qmp.execute("cont")
-        except QmpError as exc:
-            raise VmmError(f"{spec.name}: snapshot: {exc}") from None
-        finally:
-            partial.unlink(missing_ok=True)
+        await qemusnap.snapshot(self, spec, running, state, paused=paused)
 
     async def restore(self, spec: LaunchSpec, state: Path) -> Running:
-        """A new QEMU that loads ``state``, then gets its own vsock backend and runs."""
-        self.check_snapshot(spec.name)
-        running = await self.start(spec, incoming=True)
-        try:
-            async with await self._qmp(spec, running) as qmp:
-                await qmp.migrate_from(f"exec:cat {shlex.quote(str(state))}")
-                await self._plug_vsock(qmp, spec, running, new_backend=False)
-                await qmp.execute("cont")
-        except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await self._kill(running)
-                await running.release()
-            if isinstance(exc, QmpError):
-                if running.process.returncode is not None:
-                    raise self._qemu_failure(spec, running) from None
-                raise VmmError(f"{spec.name}: restore: {exc}") from None
-            raise
-        return running
+        from host import qemusnap
 
-    async def _plug_vsock(self, qmp: QmpClient, spec: LaunchSpec, running: Running, *,
-                          new_backend: bool) -> None:
-        """Chardev and device for a vsock; ``new_backend``: replace the one whose
-        frontend went away with the unplug (a restore's start() made a fresh one)."""
-        if new_backend:
-            for helper in [h for h in running.helpers if h.name == BACKEND_BINARY]:
-                await helper.stop()
-                running.helpers.remove(helper)
-            with contextlib.suppress(QmpError):  # the unplugged device's chardev
-                await qmp.execute("chardev-remove", {"id": VSOCK_CHARDEV})
-            running.helpers.append(await start_backend(require_backend(), cid=self.guest_cid,
-                                                       run_dir=spec.run_dir))
-        await qmp.execute("chardev-add", {"id": VSOCK_CHARDEV, "backend": {
-            "type": "socket", "data": {"server": False, "addr": {
-                "type": "unix", "data": {"path": str(spec.run_dir / BACKEND_SOCKET)}}}}})
-        await qmp.execute("device_add", {"driver": "vhost-user-vsock-pci", "id": VSOCK_DEVICE,
-                                         "chardev": VSOCK_CHARDEV, "bus": VSOCK_PORT_ID})
+        return await qemusnap.restore(self, spec, state)
 
     async def _kill(self, running: Running) -> None:
         await terminate(running.process, grace=3.0, what="QEMU")
