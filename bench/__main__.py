@@ -114,6 +114,33 @@ def p6(runs: int) -> list[Figure]:
     return throughput.measure(max(1, runs // 3))
 
 
+def p7(runs: int) -> list[Figure]:
+    """Warm starts (bench.warm): restore vs cold launch -> first 200, and the snapshot."""
+    restore = Figure("P7 restore -> first HTTP 200 (Caddy, volar)", id="P7-restore", unit="s",
+                     goal="ratio <= 0.25", baseline_label="cold launch (microvm)")
+    snap = Figure("P7 snapshot of a healthy Caddy VM: paused", id="P7-snapshot", unit="s")
+    try:
+        from bench import warm
+
+        r = warm.measure(max(1, runs // 5))
+    except Exception as exc:
+        restore.na = snap.na = f"bench.warm.measure: {type(exc).__name__}: {exc}"
+        return [restore, snap]
+    restore.value, restore.baseline = Spread.of(r["restore_s"]), Spread.of(r["cold_s"])
+    restore.note = (f"{r['runs']} interleaved runs from spawning `volar vms create`; restore "
+                    "of a q35 snapshot, cold boot on the default microvm")
+    pairs = pair_ratios(r["restore_s"], r["cold_s"])
+    if pairs is not None:
+        restore.note += f"; per-run ratios {pairs.median:.2f}x [{pairs.low:.2f}-{pairs.high:.2f}]"
+    restore.extra = {k: r[k] for k in ("restore_s", "cold_s")}
+    snap.value = Spread.of(r["snapshot_s"])
+    size = Spread.of(r["snapshot_mb"])
+    snap.note = (f"volar's pause to run-on (vsock unplug, migration to a file, re-plug); "
+                 f"state file {size.median:.1f} MB (512 MB VM)")
+    snap.extra = {"snapshot_s": r["snapshot_s"], "size_mb": r["snapshot_mb"]}
+    return [restore, snap]
+
+
 def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB, VmHWM polled until exit) of one child process.
 
@@ -181,10 +208,11 @@ def volar_list(runs: int) -> list[Figure]:
 # P7-snapshot, a containerd row) is one more entry; its rows carry their own ids.
 FIGURES: dict[str, Callable[[int], list[Figure]]] = {
     "P1": p1, "P2": p2, "P3": p3_p5, "P4": p4, "P6": p6, "P1guest": p1_guest, "volar": volar_list,
+    "P7": p7,
 }
 # Row ids that another runner produces (for --only).
 ALIASES = {"P2-flood": "P2", "P3-zstd": "P3", "P5": "P3", "P4-health": "P4",
-           "P6-lost": "P6", "P6-codec": "P6"}
+           "P6-lost": "P6", "P6-codec": "P6", "P7-restore": "P7", "P7-snapshot": "P7"}
 
 
 def main(argv: list[str] | None = None) -> int:
