@@ -114,6 +114,13 @@ def p6(runs: int) -> list[Figure]:
     return throughput.measure(max(1, runs // 3))
 
 
+def p6_vm(runs: int) -> list[Figure]:
+    """P6 in a real guest under TCG: vsock beside virtio-serial, interleaved."""
+    from bench import vmflood
+
+    return vmflood.measure(max(1, runs // 5))
+
+
 def p7(runs: int) -> list[Figure]:
     """Warm starts (bench.warm): restore vs cold launch -> first 200, and the snapshot."""
     restore = Figure("P7 restore -> first HTTP 200 (Caddy, volar)", id="P7-restore", unit="s",
@@ -207,12 +214,13 @@ def volar_list(runs: int) -> list[Figure]:
 # Runner key -> the function measuring its rows. A new figure (P7-restore,
 # P7-snapshot, a containerd row) is one more entry; its rows carry their own ids.
 FIGURES: dict[str, Callable[[int], list[Figure]]] = {
-    "P1": p1, "P2": p2, "P3": p3_p5, "P4": p4, "P6": p6, "P1guest": p1_guest, "volar": volar_list,
-    "P7": p7,
+    "P1": p1, "P2": p2, "P3": p3_p5, "P4": p4, "P6": p6, "P6vm": p6_vm, "P1guest": p1_guest,
+    "volar": volar_list, "P7": p7,
 }
 # Row ids that another runner produces (for --only).
 ALIASES = {"P2-flood": "P2", "P3-zstd": "P3", "P5": "P3", "P4-health": "P4",
-           "P6-lost": "P6", "P6-codec": "P6", "P7-restore": "P7", "P7-snapshot": "P7"}
+           "P6-lost": "P6", "P6-codec": "P6", "P7-restore": "P7", "P7-snapshot": "P7",
+           "P6-vsock": "P6vm", "P6-serial": "P6vm", "P6-vm-lost": "P6vm"}
 
 
 def main(argv: list[str] | None = None) -> int:
