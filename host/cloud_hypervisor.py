@@ -63,7 +63,8 @@ class CloudHypervisorDriver:
             cmd += ["--net", f"tap={spec.extra['tap']},mac={spec.extra['mac']}"]
         cmd += ["--vsock", f"cid={spec.extra.get('cid', FIRST_GUEST_CID)},socket={vsock}"]
         cmd += ["--initramfs", str(spec.initramfs)]
-        for disk in spec.disks:
+        # CH has no snapshot mode: scratch disks are read-only here too.
+        for disk in (*spec.disks, *spec.scratch_disks):
             cmd += ["--disk", f"path={disk},readonly=on"]
         cmd += ["--cmdline", spec.cmdline]
         return cmd

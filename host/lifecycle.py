@@ -261,6 +261,51 @@ def take_snapshot(store: Store, name: str, *, out: str | None,
     return directory, int(size), float(seconds)
 
 
+def launch_with_manifest(
+    store: Store,
+    name: str,
+    *,
+    manifest_json: str,
+    initramfs: Path,
+    cpus: int,
+    memory_mb: int,
+    scratch_disks: tuple[Path, ...] = (),
+    cmdline_extra: dict[str, str] | None = None,
+    boot_timeout: float,
+) -> subprocess.Popen[bytes]:
+    """A VM that carries its own manifest, not a plugin's (the containerd shim's
+    container), on QEMU with user networking: recorded and its monitor started;
+    the caller watches the store."""
+    if not valid_name(name):
+        raise VolarError(f"invalid VM name {name!r}: {NAME_RULE}")
+    kernel_path = resolve_kernel(store, None)
+    if not initramfs.is_file():
+        raise VolarError(f"initramfs {initramfs} does not exist or is not a file")
+    channel = _channel("qemu", None, lambda _line: None)
+    run_dir = store.vms_dir / name
+    columns: dict[str, Any] = dict(
+        name=name, plugin="", vmm="qemu", status="pending", cpus=cpus, memory_mb=memory_mb,
+        kernel=str(kernel_path), initramfs=str(initramfs), run_dir=str(run_dir),
+        created_at=time.time(), channel=channel, manifest_json=manifest_json,
+        scratch_disks_json=json.dumps([str(d) for d in scratch_disks]),
+        cmdline_extra_json=json.dumps(cmdline_extra or {}))
+    try:
+        with store.transaction():
+            store.db.execute(
+                f"INSERT INTO vms ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                tuple(columns.values()),
+            )
+            store.add_event(name, "status", "pending", "created")
+            store.allocate_cid(name)
+    except sqlite3.IntegrityError as exc:
+        if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+            raise
+        raise AlreadyExists(f"a VM named {name!r} already exists") from None
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(mode=0o700, parents=True)
+    return spawn_monitor(store, store.vm(name), boot_timeout=boot_timeout)
+
+
 def _bridged(vmm: str, requested: str | None) -> bool:
     """user (QEMU's default: a 127.0.0.1 port) or bridge (a tap on vbr0, a pool address)."""
     if requested not in (None, "user", "bridge"):

@@ -44,6 +44,7 @@ from host.vmm import (
 from host.vsock import private_listener
 from kestrel.cmdline import CmdlineError, build_cmdline
 from kestrel.manifest import load_manifest
+from kestrel.protocol import Signal
 
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=1"
 # kestrel's ip= for a VM on volar's bridge (host/ipam.py's subnet and gateway).
@@ -104,7 +105,9 @@ class Monitor:
         self.name = name
         self.boot_timeout = boot_timeout
         self.vm = store.vm(name)
-        self.plugin = store.plugin(self.vm.plugin)
+        # A VM with a manifest of its own (the containerd shim's) needs no plugin row.
+        self.plugin = None if self.vm.manifest_json else store.plugin(self.vm.plugin)
+        self.manifest_json = self.plugin.manifest_json if self.plugin else self.vm.manifest_json
         self.run_dir = Path(self.vm.run_dir)
         self.driver: VmmDriver | None = None
         self.spec: LaunchSpec | None = None
@@ -129,7 +132,7 @@ class Monitor:
     def _spec(self, driver: VmmDriver) -> LaunchSpec:
         vm = self.vm
         ip = (BRIDGE_IP if vm.ip else QEMU_USER_IP).format(ip=vm.ip, name=self.name)
-        manifest = json.loads(self.plugin.manifest_json)
+        manifest = json.loads(self.manifest_json)
         manifest.pop("$schema", None)  # a URL the guest never reads: cmdline bytes are scarce
         cmdline = build_cmdline(
             manifest_json=json.dumps(manifest, separators=(",", ":")).encode(),
@@ -137,10 +140,11 @@ class Monitor:
             base=BASE_CMDLINE,
             extra={
                 "volant.plugin": vm.plugin,
-                "volant.runtime": self.plugin.runtime,
+                "volant.runtime": manifest.get("runtime") or vm.plugin,
                 "kestrel.hostname": self.name,
                 "ip": ip,
                 **({"kestrel.debug_shell": "1"} if vm.debug_shell else {}),
+                **json.loads(vm.cmdline_extra_json),
             },
         )
         extra = {k: v for k, v in (("ip", vm.ip), ("mac", vm.mac), ("tap", vm.tap),
@@ -153,8 +157,9 @@ class Monitor:
             cmdline=cmdline,
             cpus=vm.cpus,
             memory_mb=vm.memory_mb,
-            guest_port=guest_port(self.plugin.manifest_json),
+            guest_port=guest_port(self.manifest_json),
             host_port=vm.host_port,
+            scratch_disks=tuple(Path(d) for d in json.loads(vm.scratch_disks_json)),
             extra=extra,
             console_socket=(self.run_dir / "serial.sock"
                             if isinstance(driver, SerialConsoleDriver) else None),
@@ -335,8 +340,8 @@ class Monitor:
         await trio.serve_listeners(self._control_client, [listener])
 
     async def _control_client(self, stream: trio.abc.Stream) -> None:
-        """Line protocol: ``stop <grace>`` -> ``ok`` when the VMM is gone; ``exec``
-        then exec frames (host.exechub)."""
+        """Line protocol: ``stop <grace>`` -> ``ok`` when the VMM is gone; ``signal <n>``
+        -> ``ok`` once sent to the workload; ``exec`` then exec frames (host.exechub)."""
         async with stream:
             line, rest = await read_line(stream)
             words = line.split()
@@ -351,6 +356,10 @@ class Monitor:
                 await self.stop(grace)
                 await self.exited.wait()
                 await stream.send_all(b"ok\n")
+            elif words[:1] == ["signal"] and len(words) == 2 and words[1].isdigit():
+                # The containerd shim's Kill: to the workload, through kestrel.
+                sent = await self.link.loop.command(Signal(signum=int(words[1])))
+                await stream.send_all(b"ok\n" if sent else b"error kestrel is not attached\n")
             elif words[:1] == ["ping"]:
                 await stream.send_all(b"ok\n")
             elif words[:1] == ["snapshot"] and len(words) >= 2:
@@ -361,6 +370,9 @@ class Monitor:
     async def _snapshot(self, directory: Path) -> bytes:
         """``ok <bytes> <seconds>``, or ``error <one line>``; the VM runs on either way."""
         assert self.driver is not None and self.spec is not None and self.running is not None
+        if self.plugin is None:
+            return (f"error VM {self.name} carries its own manifest (a containerd "
+                    "container): only a plugin's VM can be snapshotted\n").encode()
         async with self.snapshot_lock:
             status = self.store.vm(self.name).status
             if status not in ("running", "healthy") or self.stop_requested:

@@ -216,9 +216,10 @@ class QemuDriver:
             "-device", self._dev("rng"),  # entropy early: no boot stalls in getrandom
             "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
         ]
-        for i, disk in enumerate(spec.disks):
+        disks = [(d, "") for d in spec.disks] + [(d, ",snapshot=on") for d in spec.scratch_disks]
+        for i, (disk, mode) in enumerate(disks):
             cmd += [
-                "-drive", f"file={disk},if=none,id=disk{i},format=raw",
+                "-drive", f"file={disk},if=none,id=disk{i},format=raw{mode}",
                 "-device", f"{self._dev('blk')},drive=disk{i}",
             ]
         if incoming:

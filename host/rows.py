@@ -100,6 +100,11 @@ class Vm:
     # QEMU's -M ("" = the driver's default); the snapshot directory a restored VM came from.
     machine: str = ""
     snapshot: str = ""
+    # A VM's own manifest (the containerd shim's container), else its plugin's;
+    # disks QEMU opens with snapshot=on; extra kernel command-line keys.
+    manifest_json: str = ""
+    scratch_disks_json: str = "[]"
+    cmdline_extra_json: str = "{}"
 
     @property
     def uptime(self) -> float | None:

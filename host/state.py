@@ -119,6 +119,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE vms ADD COLUMN machine TEXT NOT NULL DEFAULT '';
     ALTER TABLE vms ADD COLUMN snapshot TEXT NOT NULL DEFAULT '';
     """,
+    # 6: what a VM brings beside its plugin (the containerd shim: one VM per
+    # container): its own manifest (the container's process), disks whose
+    # writes QEMU discards (the container's rootfs image, shared read-only
+    # between VMs) and extra kernel command-line keys (the rootfs device).
+    """
+    ALTER TABLE vms ADD COLUMN manifest_json TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vms ADD COLUMN scratch_disks_json TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE vms ADD COLUMN cmdline_extra_json TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 # linux/vm_sockets.h: CIDs 0-2 are the hypervisor, local and the host.
 FIRST_GUEST_CID = 3

@@ -41,6 +41,10 @@ class LaunchSpec:
     # Requested host port; 0 lets the driver pick a free one.
     host_port: int = 0
     disks: tuple[Path, ...] = ()
+    # Disks the guest may write while QEMU keeps the file unchanged (its
+    # snapshot=on: writes go to a deleted temporary file), so VMs can share
+    # one image: the containerd shim's rootfs images.
+    scratch_disks: tuple[Path, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
     # The serial console as a byte stream (open_console_stream) instead of a
     # log file: whoever runs the VM then drains it and writes the log.

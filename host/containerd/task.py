@@ -1,0 +1,441 @@
+"""The shim's task service: one container, one kestrel microVM.
+
+Create checks config.json and the rootfs and builds (or finds) the rootfs
+image; Start boots the VM through volar's own lifecycle (its store, its
+per-VM monitor, its VMM drivers) and relays the workload's log records to
+containerd's stdio; the exit kestrel reports ends Wait. Kill and Exec go
+through the monitor's control socket, so kestrel does the signalling and
+the exec sessions. Pause/Resume stop and continue the vCPUs over QMP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from host.adopt import reconcile
+from host.containerd import events, ttrpc
+from host.containerd.config import RECORD, ShimConfig, vm_name
+from host.containerd.proto import events_task_pb2 as ev
+from host.containerd.proto import mount_pb2
+from host.containerd.proto import shim_pb2 as pb
+from host.containerd.proto import types_task_pb2 as types
+from host.containerd.rootfs import (
+    MountSpec,
+    RootfsError,
+    build_image,
+    mount_all,
+    snapshot_key,
+    unmount_all,
+)
+from host.containerd.server import RpcError
+from host.containerd.spec import (
+    DEFAULT_PATH,
+    ContainerSpec,
+    SpecError,
+    find_in_rootfs,
+    parse_config,
+)
+from host.containerd.stdio import Sink, StdioError, open_writer
+from host.errors import VolarError
+from host.lifecycle import CONTROL_SOCKET, UP, launch_with_manifest
+from host.state import TERMINAL, Store
+from kestrel.manifest import ManifestError, load_manifest
+
+SERVICE = "containerd.task.v2.Task"
+POLL_S = 0.05
+VERSION = "kestrel-shim 0.1"
+# kestrel's exit status for "the VM ended without reporting one".
+LOST_STATUS = 255
+
+
+def now_ts() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts
+
+
+@dataclass
+class Process:
+    """What containerd tracks of a process: its stdio, pid, status and exit."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+    pid: int = 0
+    status: int = types.CREATED
+    exit_status: int = 0
+    exited_at: timestamp_pb2.Timestamp = field(default_factory=timestamp_pb2.Timestamp)
+    exited: trio.Event = field(default_factory=trio.Event)
+
+    def finish(self, status: int) -> None:
+        self.exit_status, self.exited_at = status, now_ts()
+        self.status = types.STOPPED
+        self.exited.set()
+
+
+class TaskService:
+    def __init__(self, *, cfg: ShimConfig, namespace: str, container_id: str, bundle: Path,
+                 publisher: events.Publisher, say: Callable[[str], None],
+                 shutdown: trio.Event) -> None:
+        self.cfg, self.ns, self.id, self.bundle = cfg, namespace, container_id, bundle
+        self.events, self.say, self.shutdown_event = publisher, say, shutdown
+        self.vm = vm_name(namespace, container_id)
+        self.store = Store(cfg.state_dir)
+        self.init: Process | None = None
+        self.spec: ContainerSpec | None = None
+        self.image: Path | None = None
+        self.cached = False
+        self.nursery: trio.Nursery | None = None  # set by run(): owns the watchers
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # --- ttRPC plumbing -------------------------------------------------------
+
+    def methods(self) -> dict[str, Callable[[bytes], Any]]:
+        table: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+            "State": (pb.StateRequest, self.state),
+            "Create": (pb.CreateTaskRequest, self.create),
+            "Start": (pb.StartRequest, self.start),
+            "Delete": (pb.DeleteRequest, self.delete),
+            "Pids": (pb.PidsRequest, self.pids),
+            "Pause": (pb.PauseRequest, self.pause),
+            "Resume": (pb.ResumeRequest, self.resume),
+            "Checkpoint": (pb.CheckpointTaskRequest, self.checkpoint),
+            "Kill": (pb.KillRequest, self.kill),
+            "Exec": (pb.ExecProcessRequest, self.exec),
+            "ResizePty": (pb.ResizePtyRequest, self.resize_pty),
+            "CloseIO": (pb.CloseIORequest, self.close_io),
+            "Update": (pb.UpdateTaskRequest, self.update),
+            "Wait": (pb.WaitRequest, self.wait),
+            "Stats": (pb.StatsRequest, self.stats),
+            "Connect": (pb.ConnectRequest, self.connect),
+            "Shutdown": (pb.ShutdownRequest, self.shutdown),
+        }
+
+        def bind(request_type: Any, handler: Callable[[Any], Any]) -> Callable[[bytes], Any]:
+            async def method(payload: bytes) -> bytes:
+                reply = await handler(request_type.FromString(payload))
+                return bytes(reply.SerializeToString())
+            return method
+
+        return {f"{SERVICE}/{name}": bind(t, h) for name, (t, h) in table.items()}
+
+    def _process(self, exec_id: str) -> Process:
+        if exec_id:
+            raise RpcError(ttrpc.NOT_FOUND, f"exec {exec_id} of {self.id}: no such process")
+        if self.init is None:
+            raise RpcError(ttrpc.NOT_FOUND, f"task {self.id}: not created")
+        return self.init
+
+    # --- create / start -------------------------------------------------------
+
+    async def create(self, req: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
+        if self.init is not None:
+            raise RpcError(ttrpc.ALREADY_EXISTS, f"task {self.id} already exists")
+        try:
+            spec = parse_config(json.loads((self.bundle / "config.json").read_text()))
+        except (OSError, ValueError) as exc:  # SpecError is a ValueError
+            code = ttrpc.INVALID_ARGUMENT if isinstance(exc, SpecError) else ttrpc.NOT_FOUND
+            raise RpcError(code, f"kestrel: {self.bundle / 'config.json'}: {exc}") from None
+        if req.terminal or spec.process.terminal:
+            raise RpcError(ttrpc.INVALID_ARGUMENT,
+                           "kestrel: process.terminal: a terminal for the container's own "
+                           "process is not supported (use `ctr task exec -t`)")
+        mounts = [MountSpec(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+        try:
+            self.image, self.cached = await self._rootfs(spec, mounts)
+        except (RootfsError, SpecError, OSError) as exc:
+            raise RpcError(ttrpc.FAILED_PRECONDITION, f"kestrel: {exc}") from None
+        self.spec = spec
+        self.init = Process(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
+        (self.bundle / RECORD).write_text(json.dumps({
+            "vm": self.vm, "state_dir": str(self.cfg.state_dir),
+            "image": str(self.image), "cached": self.cached}))
+        self.events.publish(events.TASK_CREATE, ev.TaskCreate(
+            container_id=self.id, bundle=str(self.bundle),
+            rootfs=[mount_pb2.Mount(type=m.type, source=m.source, options=m.options)
+                    for m in mounts],
+            io=ev.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr),
+            checkpoint=req.checkpoint, pid=0))
+        return pb.CreateTaskResponse(pid=0)
+
+    async def _rootfs(self, spec: ContainerSpec, mounts: list[MountSpec]) -> tuple[Path, bool]:
+        """Mount, check the program is there, image it (or find it cached), unmount."""
+        root = self.bundle / "rootfs"
+        key = snapshot_key(mounts)
+        image = (self.cfg.images / f"{key}.ext4") if key else (
+            self.cfg.images / f"container-{self.vm}.ext4")
+        await mount_all(mounts, root)
+        try:
+            argv0 = spec.process.args[0]
+            path_env = spec.process.env.get("PATH", DEFAULT_PATH)
+            if find_in_rootfs(root, argv0, path_env) is None:
+                raise SpecError(f"process.args[0] {argv0!r}: no such executable in the "
+                                f"container's rootfs (PATH {path_env})")
+            if not image.exists():
+                self.say(f"building rootfs image {image.name}")
+                await build_image(root, image)
+        finally:
+            with trio.CancelScope(shield=True):
+                await unmount_all(root, len(mounts))
+        return image, key is not None
+
+    def _manifest(self, spec: ContainerSpec) -> str:
+        doc = {
+            "name": "containerd", "version": "0.1.0", "runtime": "containerd",
+            "initramfs": {"url": str(self.cfg.initramfs)},
+            "rootfs": {"url": str(self.image), "format": "ext4"},
+            "workload": {"type": "exec", "entrypoint": list(spec.process.args),
+                         "env": spec.process.env, "workdir": spec.process.cwd},
+        }
+        text = json.dumps(doc, separators=(",", ":"))
+        load_manifest(text)  # the guest must accept what it is given
+        return text
+
+    async def start(self, req: pb.StartRequest) -> pb.StartResponse:
+        proc = self._process(req.exec_id)
+        if proc.status != types.CREATED:
+            raise RpcError(ttrpc.FAILED_PRECONDITION, f"task {self.id} was already started")
+        assert self.spec is not None and self.image is not None and self.nursery is not None
+        spec = self.spec
+        try:
+            manifest = self._manifest(spec)
+            out = Sink(await open_writer(proc.stdout))
+            err = Sink(await open_writer(proc.stderr))
+            monitor = launch_with_manifest(
+                self.store, self.vm, manifest_json=manifest, initramfs=self.cfg.initramfs,
+                cpus=spec.cpus or self.cfg.cpus, memory_mb=spec.memory_mb or self.cfg.memory_mb,
+                scratch_disks=(self.image,),
+                cmdline_extra={"volant.rootfs_device": "vda", "volant.rootfs_fstype": "ext4",
+                               "kestrel.hostname": spec.hostname or self.id},
+                boot_timeout=self.cfg.boot_timeout)
+        except (ManifestError, StdioError, VolarError, OSError) as exc:
+            raise RpcError(ttrpc.FAILED_PRECONDITION, f"kestrel: {exc}") from None
+        self.nursery.start_soon(_reap, monitor)
+        self.nursery.start_soon(out.run)
+        self.nursery.start_soon(err.run)
+        booted = trio.Event()
+        self.nursery.start_soon(self._watch, proc, out, err, booted)
+        await booted.wait()
+        proc.pid = self.store.vm(self.vm).vmm_pid or monitor.pid
+        if not proc.exited.is_set():
+            proc.status = types.RUNNING
+        self.events.publish(events.TASK_START, ev.TaskStart(container_id=self.id, pid=proc.pid))
+        return pb.StartResponse(pid=proc.pid)
+
+    async def _watch(self, proc: Process, out: Sink, err: Sink, booted: trio.Event) -> None:
+        """Relay log records to stdio until the VM ends; then the exit, after the last byte."""
+        seq, oom_seen = 0, 0
+        deadline = trio.current_time() + self.cfg.boot_timeout + 15
+        while True:
+            seq = self._relay(seq, out, err)
+            reconcile(self.store, [self.vm])  # a monitor that died leaves no final status
+            vm = self.store.vm(self.vm)
+            if not booted.is_set() and (vm.status in UP or vm.status in TERMINAL
+                                        or trio.current_time() > deadline):
+                if vm.vmm_pid:
+                    proc.pid = vm.vmm_pid
+                booted.set()
+            ooms = [e for e in self.store.events(self.vm) if e.kind == "oom"]
+            for _ in ooms[oom_seen:]:
+                self.events.publish(events.TASK_OOM, ev.TaskOOM(container_id=self.id))
+            oom_seen = len(ooms)
+            if vm.status in TERMINAL:
+                break
+            await trio.sleep(POLL_S)
+        self._relay(seq, out, err)
+        if vm.exit_json:
+            status = int(json.loads(vm.exit_json)["status"])
+        else:
+            status = LOST_STATUS
+            why = (vm.fatal or vm.detail or vm.status).replace("\n", "\n  ")
+            err.write(f"kestrel: VM {self.vm} {vm.status}: {why}\n".encode())
+            self.say(f"VM {self.vm} {vm.status} without an exit report: {why}")
+        out.close()
+        err.close()
+        await out.done.wait()
+        await err.done.wait()
+        proc.finish(status)
+        booted.set()
+        self.events.publish(events.TASK_EXIT, ev.TaskExit(
+            container_id=self.id, id=self.id, pid=proc.pid, exit_status=status,
+            exited_at=proc.exited_at))
+
+    def _relay(self, seq: int, out: Sink, err: Sink) -> int:
+        """Log records after ``seq`` to stdout/stderr; the last seq relayed."""
+        last = seq
+        for last, stream, data, _ in list(self.store.logs(self.vm, after_seq=seq)):  # noqa: B007
+            (err if stream == "stderr" else out).write(data)
+        return last
+
+    # --- signals, waits, state --------------------------------------------------
+
+    async def _control(self, line: str) -> str:
+        path = Path(self.store.vm(self.vm).run_dir) / CONTROL_SOCKET
+        try:
+            stream = await trio.open_unix_socket(str(path))
+        except OSError as exc:
+            return f"error {exc.strerror}"
+        async with stream:
+            await stream.send_all(line.encode() + b"\n")
+            reply = b""
+            while chunk := await stream.receive_some(256):
+                reply += chunk
+                if b"\n" in reply:
+                    break
+        return reply.decode(errors="replace").strip()
+
+    async def kill(self, req: pb.KillRequest) -> empty_pb2.Empty:
+        proc = self._process(req.exec_id)
+        if proc.exited.is_set():
+            raise RpcError(ttrpc.NOT_FOUND, f"task {self.id}: process already finished")
+        if proc.status == types.CREATED:
+            proc.finish(128 + req.signal)  # never started: it ends here, as runc's would
+            self.events.publish(events.TASK_EXIT, ev.TaskExit(
+                container_id=self.id, id=self.id, pid=0, exit_status=proc.exit_status,
+                exited_at=proc.exited_at))
+            return empty_pb2.Empty()
+        reply = await self._control(f"signal {req.signal}")
+        if reply != "ok":
+            if proc.exited.is_set():
+                raise RpcError(ttrpc.NOT_FOUND, f"task {self.id}: process already finished")
+            raise RpcError(ttrpc.UNAVAILABLE, f"kestrel: signal {req.signal} to {self.id}: "
+                           f"{reply.removeprefix('error ')}")
+        return empty_pb2.Empty()
+
+    async def wait(self, req: pb.WaitRequest) -> pb.WaitResponse:
+        proc = self._process(req.exec_id)
+        await proc.exited.wait()
+        return pb.WaitResponse(exit_status=proc.exit_status, exited_at=proc.exited_at)
+
+    async def state(self, req: pb.StateRequest) -> pb.StateResponse:
+        proc = self._process(req.exec_id)
+        return pb.StateResponse(
+            id=self.id, bundle=str(self.bundle), pid=proc.pid, status=proc.status,  # type: ignore[arg-type]
+            stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr, terminal=proc.terminal,
+            exit_status=proc.exit_status, exited_at=proc.exited_at, exec_id=req.exec_id)
+
+    async def pids(self, req: pb.PidsRequest) -> pb.PidsResponse:
+        proc = self._process("")
+        if proc.status in (types.CREATED, types.STOPPED):
+            return pb.PidsResponse()
+        return pb.PidsResponse(processes=[types.ProcessInfo(pid=proc.pid)])
+
+    async def connect(self, req: pb.ConnectRequest) -> pb.ConnectResponse:
+        pid = self.init.pid if self.init else 0
+        return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=pid, version=VERSION)
+
+    # --- the end ------------------------------------------------------------------
+
+    async def delete(self, req: pb.DeleteRequest) -> pb.DeleteResponse:
+        proc = self._process(req.exec_id)
+        if proc.status in (types.RUNNING, types.PAUSED) and not proc.exited.is_set():
+            raise RpcError(ttrpc.FAILED_PRECONDITION,
+                           f"task {self.id} is still running; kill it first")
+        await self.cleanup()
+        self.events.publish(events.TASK_DELETE, ev.TaskDelete(
+            container_id=self.id, pid=proc.pid, exit_status=proc.exit_status,
+            exited_at=proc.exited_at, id=self.id))
+        return pb.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status,
+                                 exited_at=proc.exited_at)
+
+    async def cleanup(self) -> None:
+        """The VM (stopped if need be), its row and run directory, an uncached image."""
+        await trio.to_thread.run_sync(cleanup_vm, self.cfg.state_dir, self.vm,
+                                      self.image if not self.cached else None)
+
+    async def shutdown(self, req: pb.ShutdownRequest) -> empty_pb2.Empty:
+        if self.init is not None and self.init.status in (types.RUNNING, types.PAUSED) and (
+                not self.init.exited.is_set()) and not req.now:
+            return empty_pb2.Empty()  # still running: containerd asks again after Delete
+        self.shutdown_event.set()
+        return empty_pb2.Empty()
+
+    # --- the rest ---------------------------------------------------------------
+
+    async def pause(self, req: pb.PauseRequest) -> empty_pb2.Empty:
+        await self._qmp("stop", types.PAUSED, events.TASK_PAUSED,
+                        ev.TaskPaused(container_id=self.id))
+        return empty_pb2.Empty()
+
+    async def resume(self, req: pb.ResumeRequest) -> empty_pb2.Empty:
+        await self._qmp("cont", types.RUNNING, events.TASK_RESUMED,
+                        ev.TaskResumed(container_id=self.id))
+        return empty_pb2.Empty()
+
+    async def _qmp(self, command: str, status: int, topic: str, event: Any) -> None:
+        from host.qmp import QmpClient, QmpError
+
+        proc = self._process("")
+        if proc.exited.is_set() or proc.status == types.CREATED:
+            raise RpcError(ttrpc.FAILED_PRECONDITION, f"task {self.id} is not running")
+        path = Path(self.store.vm(self.vm).run_dir) / "qmp.sock"
+        try:
+            async with await QmpClient.connect(path, timeout=5.0) as qmp:
+                await qmp.execute(command)
+        except (QmpError, OSError) as exc:
+            raise RpcError(ttrpc.UNAVAILABLE, f"kestrel: QMP {command}: {exc}") from None
+        proc.status = status
+        self.events.publish(topic, event)
+
+    async def checkpoint(self, req: pb.CheckpointTaskRequest) -> empty_pb2.Empty:
+        raise RpcError(ttrpc.UNIMPLEMENTED, "kestrel: checkpoint is not supported")
+
+    async def update(self, req: pb.UpdateTaskRequest) -> empty_pb2.Empty:
+        raise RpcError(ttrpc.UNIMPLEMENTED,
+                       "kestrel: update is not supported: a VM's memory and CPUs are fixed at "
+                       "start (recreate the container with new limits)")
+
+    async def stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
+        raise RpcError(ttrpc.UNIMPLEMENTED, "kestrel: stats are not supported yet")
+
+    async def exec(self, req: pb.ExecProcessRequest) -> empty_pb2.Empty:
+        raise RpcError(ttrpc.UNIMPLEMENTED, "kestrel: exec is not supported yet")
+
+    async def resize_pty(self, req: pb.ResizePtyRequest) -> empty_pb2.Empty:
+        self._process(req.exec_id)
+        return empty_pb2.Empty()  # the container's own process has no terminal
+
+    async def close_io(self, req: pb.CloseIORequest) -> empty_pb2.Empty:
+        self._process(req.exec_id)
+        return empty_pb2.Empty()  # its stdin is /dev/null in the guest already
+
+
+async def _reap(monitor: subprocess.Popen[bytes]) -> None:
+    """The monitor is our child: wait for it, or it lingers as a zombie that
+    volar's lifecycle would take for a live monitor."""
+    await trio.to_thread.run_sync(monitor.wait, abandon_on_cancel=True)
+
+
+def cleanup_vm(state_dir: Path, name: str, image: Path | None) -> None:
+    """Stop and forget the VM; remove an image that was this container's alone.
+    Blocking (volar's lifecycle polls): the daemon runs it in a thread, the delete
+    subcommand directly."""
+    from host.errors import NotFound
+    from host.lifecycle import delete
+
+    store = Store(state_dir)
+    try:
+        reconcile(store, [name])  # a dead monitor's VM: settled, its VMM killed
+        delete(store, name)
+    except NotFound:
+        pass
+    finally:
+        store.close()
+    if image is not None:
+        image.unlink(missing_ok=True)
