@@ -29,6 +29,11 @@ HOP_BY_HOP = frozenset({
 # instead of waiting on a connect that cannot succeed.
 DOWN_STATES = frozenset({"restarting", "stopping", "failed", "poweroff"})
 
+# The statuses kestrel answers with itself (RFC 9110 15), for its status lines.
+REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+           408: b"Request Timeout", 413: b"Content Too Large", 431:
+           b"Request Header Fields Too Large", 502: b"Bad Gateway", 503: b"Service Unavailable"}
+
 Headers = list[tuple[bytes, bytes]]
 # h11's header lists are Sequences of pairs (its own class)
 AnyHeaders = Sequence[tuple[bytes, bytes]]
@@ -49,7 +54,8 @@ class Reply(Record):
                    (b"content-length", str(len(self.body)).encode())]
         if close:
             headers.append((b"connection", b"close"))
-        return h11.Response(status_code=self.status, headers=headers)
+        return h11.Response(status_code=self.status, headers=headers,
+                            reason=REASONS.get(self.status, b""))
 
 
 class Passthrough(Record):

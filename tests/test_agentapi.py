@@ -214,7 +214,7 @@ async def test_a_workload_that_is_down_is_a_502_at_once() -> None:
     url = BaseUrl("127.0.0.1", free_port())  # nothing listens there
     async with agent_api(url) as call:
         response, body = await call("GET", "/v1/")
-    assert response.status == 502
+    assert (response.status, response.reason) == (502, "Bad Gateway")
     assert json.loads(body) == {"error": f"workload at {url.authority}: Connection refused"}
 
 
