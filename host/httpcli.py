@@ -139,9 +139,9 @@ def agent_socket(store: Store, name: str) -> Path:
         raise HttpError(f"vms http {name}: the VM is {vm.status}; the agent API needs a "
                         "running VM")
     if vm.channel != "vsock":
-        raise HttpError(f"vms http {name}: the VM talks to its host over {vm.channel or 'no'} "
-                        "channel, not vsock: no way into the guest (create it with "
-                        "--channel vsock)")
+        channel = vm.channel or "its driver's own"
+        raise HttpError(f"vms http {name}: the VM's channel is {channel}, not vsock: no way "
+                        "into the guest (create it with --channel vsock)")
     return hybrid_socket(Path(vm.run_dir))
 
 
