@@ -337,15 +337,18 @@ class KestrelRun:
         try:
             if self.frozen is not None:
                 # The state the shim leaves in a real image: every filesystem
-                # kestrel wants is mounted, so kestrel's boot path (like in a VM)
-                # mounts nothing itself.
+                # kestrel wants is mounted (shim/init.c's table, cgroup2 best
+                # effort like the shim's), so kestrel's boot path (like in a
+                # VM) mounts nothing itself and never loads ctypes to do so.
                 script = ('r="$1"; mkdir -p "$r/proc" "$r/sys" "$r/dev" "$r/run" "$r/tmp" && '
                           'mount -t proc proc "$r/proc" && mount --bind "$0" "$r/proc/cmdline" && '
                           'mount -t sysfs sys "$r/sys" && mount -t devtmpfs dev "$r/dev" && '
                           'mkdir -p "$r/dev/pts" "$r/dev/shm" && '
                           'mount -t devpts -o newinstance devpts "$r/dev/pts" && '
                           'mount -t tmpfs shm "$r/dev/shm" && mount -t tmpfs run "$r/run" && '
-                          'mount -t tmpfs tmp "$r/tmp" && exec "$2" launch "$r" "$3" /bin/kestrel')
+                          'mount -t tmpfs tmp "$r/tmp" && '
+                          '{ mount -t cgroup2 cgroup2 "$r/sys/fs/cgroup" || true; } && '
+                          'exec "$2" launch "$r" "$3" /bin/kestrel')
                 args = [str(cmdline), str(self.frozen), str(self.wl), stamp_ns]
             else:
                 boot = (f"import sys; sys.path.insert(0, {str(REPO)!r}); "
