@@ -10,6 +10,10 @@ Runs with -I -S: nothing from the build host's site-packages leaks in.
 
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ast
+
 # The probe must not import anything itself before the targets (json would drag
 # re, enum, ... into every bundle): arguments come as plain strings and the answer
 # goes out as a repr() the builder reads with ast.literal_eval. For the same reason
@@ -33,6 +37,31 @@ def probe(path: str, required: str, optional: str) -> dict[str, object]:
     return {"modules": modules, "failed": failed, "version": sys.version}
 
 
+FUTURE_ANNOTATIONS = b"from __future__ import annotations\n"
+
+
+def _flags(source: bytes) -> int:
+    import __future__
+
+    return __future__.annotations.compiler_flag if FUTURE_ANNOTATIONS in source else 0
+
+
+def _without_future_import(source: bytes, filename: str) -> "bytes | ast.Module":
+    """The module without its ``from __future__ import annotations`` statement,
+    compiled with that feature's flag instead: the same code, minus a run-time
+    import of the __future__ module (one more zip read before kestrel's spawn).
+    Any other form keeps the source as it is."""
+    if FUTURE_ANNOTATIONS not in source:
+        return source
+    import ast
+
+    tree = ast.parse(source, filename)
+    tree.body = [node for node in tree.body
+                 if not (isinstance(node, ast.ImportFrom) and node.module == "__future__"
+                         and [a.name for a in node.names] == ["annotations"])]
+    return tree
+
+
 def compile_all(config: str) -> dict[str, object]:
     import importlib.util
     import json
@@ -46,7 +75,8 @@ def compile_all(config: str) -> dict[str, object]:
     for src, dst, filename in cfg["files"]:
         with open(src, "rb") as f:
             source = f.read()
-        code = compile(source, filename, "exec", dont_inherit=True, optimize=2)
+        code = compile(_without_future_import(source, filename), filename, "exec",
+                       flags=_flags(source), dont_inherit=True, optimize=2)
         with open(dst, "wb") as f:
             f.write(header + marshal.dumps(code))
     return {"compiled": len(cfg["files"])}
