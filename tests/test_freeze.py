@@ -174,15 +174,38 @@ def test_parts_of_trio_kestrel_never_calls_fail_with_a_clear_error(
         import datetime, trio
         assert datetime.datetime(1970, 1, 2, tzinfo=datetime.timezone.utc).timestamp() == 86400
         for use in (lambda: trio.run_process(["true"]), lambda: trio.Path("/"),
-                    lambda: trio.DTLSEndpoint(None)):
+                    lambda: trio.DTLSEndpoint(None), lambda: trio.wrap_file(None),
+                    lambda: trio.open_memory_channel(1), lambda: trio.open_tcp_listeners(80),
+                    lambda: trio.serve_listeners(None, [])):
             try:
                 use()
             except RuntimeError as exc:
                 print("ERROR:", exc)
     """)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("trio._subprocess.run_process", "trio._path.Path", "trio._dtls.DTLSEndpoint"):
+    for name in ("trio._subprocess.run_process", "trio._path.Path", "trio._dtls.DTLSEndpoint",
+                 "trio._file_io.wrap_file", "trio._channel.open_memory_channel",
+                 "trio._highlevel_open_tcp_listeners.open_tcp_listeners",
+                 "trio._highlevel_serve_listeners.serve_listeners"):
         assert f"ERROR: {name} is not available in kestrel's frozen agent" in proc.stdout
+
+
+def test_the_boot_path_reads_only_the_boot_zip(frozen: FrozenAgent, tmp_path: Path) -> None:
+    # What kestrel imports before the spawn (and _json, its one extension) must not
+    # parse agent.zip's directory or import __future__ (the freeze compiles the
+    # annotations feature in): each costs bench P1 time on every boot.
+    proc = run_in_empty_root(frozen, tmp_path, """
+        import sys
+        import _json
+        from kestrel import boot, cmdline, jsonlite, main, manifest, spawn
+        print("FUTURE", "__future__" in sys.modules)
+        print("AGENT_ZIP", sorted(p for p in sys.path_importer_cache if "agent.zip" in p))
+        print("ANNOTATIONS", manifest.parse_manifest.__annotations__["return"])
+    """)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FUTURE False" in proc.stdout
+    assert "AGENT_ZIP []" in proc.stdout
+    assert "ANNOTATIONS Manifest" in proc.stdout  # still postponed: a string
 
 
 def test_a_locale_the_image_lacks_falls_back_to_utf8(
