@@ -10,6 +10,7 @@ heartbeats/metrics, eth0 setup and the agent API (kestrel/apiserver.py).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -167,8 +168,17 @@ class Agent:
         from kestrel import metrics
 
         sup = self.supervisor
+        man = sup.manifest
+        unsettled = bool(man and man.health_check and man.workload and man.workload.url)
         while True:
             await trio.sleep(HEARTBEAT_S)
+            if unsettled:
+                # Startup is over (main.py leaves this to here when a health
+                # event was waiting): free the import garbage it froze.
+                unsettled = False
+                gc.unfreeze()
+                gc.collect()
+                gc.freeze()
             self.outbox.emit(Heartbeat(uptime=uptime(), state=sup.state, health=sup.health))
             m = Metrics(uptime=uptime(), agent_rss=metrics.own_rss(), reaped=self.reaper.reaped)
             m.mem_total, m.mem_available = metrics.memory()
