@@ -28,7 +28,7 @@ VMADDR_CID_ANY = 0xFFFFFFFF
 MAX_CONNECTIONS = 64
 BACKLOG = 128
 # A connection that sends no (next) request head within this is closed, so
-# an idle host cannot hold a slot for ever.
+# an idle host cannot hold a slot for ever (nor a stalled body kestrel answers itself).
 REQUEST_HEAD_TIMEOUT_S = 30.0
 # A workload that is up accepts at once; one that is wedged must not hang the host.
 UPSTREAM_CONNECT_TIMEOUT_S = 5.0
@@ -157,16 +157,18 @@ async def _exchange(conn: h11.Connection, stream: trio.abc.Stream, request: h11.
 
 
 async def _skip_body(conn: h11.Connection, stream: trio.abc.Stream) -> bool:
-    """Read the rest of the request; False when it ended badly or exceeds SKIP_MAX."""
+    """Read the rest of the request; False when it ended badly, stalls for
+    REQUEST_HEAD_TIMEOUT_S or exceeds SKIP_MAX (the answer then closes)."""
     if conn.they_are_waiting_for_100_continue:
         return False  # the host sends no body before a 100: the answer comes first
     skipped = 0
-    while conn.their_state is h11.SEND_BODY and skipped <= SKIP_MAX:
-        event = await _receive(conn, stream)
-        if isinstance(event, h11.Data):
-            skipped += len(event.data)
-        elif not isinstance(event, h11.EndOfMessage):
-            return False
+    with trio.move_on_after(REQUEST_HEAD_TIMEOUT_S):
+        while conn.their_state is h11.SEND_BODY and skipped <= SKIP_MAX:
+            event = await _receive(conn, stream)
+            if isinstance(event, h11.Data):
+                skipped += len(event.data)
+            elif not isinstance(event, h11.EndOfMessage):
+                return False
     return conn.their_state is h11.DONE
 
 

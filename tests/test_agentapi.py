@@ -365,3 +365,25 @@ async def test_outside_a_vm_the_agent_api_stays_off_and_no_vsock_socket_is_made(
     assert str(socket.AF_UNIX) in families  # the hook saw the unix channel being made
     assert str(socket.AF_VSOCK) not in families
     assert "agent API" not in run.console
+
+
+async def test_a_stalled_body_to_an_endpoint_kestrel_answers_does_not_hold_a_slot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kestrel import apiserver
+
+    monkeypatch.setattr(apiserver, "REQUEST_HEAD_TIMEOUT_S", 0.5)
+    async with agent_api(URL, max_connections=1) as call:
+        stream = await trio.open_tcp_stream("127.0.0.1", call.port)
+        async with stream:
+            # 3 of 10 promised bytes, then nothing: answered, closed, slot freed.
+            await stream.send_all(b"POST /healthz HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 10\r\n\r\nabc")
+            data = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some(4096):
+                    data += chunk
+        assert data.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+        assert b"connection: close" in data
+        with trio.fail_after(10):
+            response, _ = await call("GET", "/healthz")
+        assert response.status == 200
