@@ -37,10 +37,14 @@ from kestrel.protocol import (
 
 
 class AgentLink:
-    def __init__(self, store: Store, name: str, *, last_seq: int = 0) -> None:
+    def __init__(self, store: Store, name: str, *, last_seq: int = 0,
+                 adopted: bool = False) -> None:
         self.store = store
         self.name = name
         self.loop = SessionLoop(self, last_seq=last_seq)
+        # Every hello after a first one (or any, for a monitor that adopted a
+        # running VM) is kestrel coming back: the history says so.
+        self.hellos = 1 if adopted else 0
         self.launched_at = 0.0
         self.fatal = ""
         self.poweroff = False
@@ -98,6 +102,11 @@ class AgentLink:
                 if isinstance(m, Log):
                     logs.append((m.seq, m.stream, m.data, now))
                 elif isinstance(m, Hello):
+                    self.hellos += 1
+                    if self.hellos > 1:
+                        store.add_event(name, "agent", "reattached",
+                                        f"kestrel {m.agent} is back; it replays what follows "
+                                        f"seq {self.session.last_seq}", when=now)
                     boot.setdefault("launched_at", self.launched_at)
                     boot.setdefault("hello_at", now)
                     boot.update(agent=m.agent, boot_id=m.boot_id)

@@ -149,6 +149,8 @@ def _vms_parser(vm: Any) -> None:
     st.add_argument("name")
     st.add_argument("--grace", type=float, default=10.0, help="seconds for the workload")
     vm.add_parser("delete").add_argument("name")
+    vm.add_parser("recover", help="give a VM whose monitor died a new one (any command that "
+                  "finds it does the same)").add_argument("name")
     ex = vm.add_parser("exec", help="run a command in a running VM (docker exec style)")
     ex.add_argument("-i", "--interactive", action="store_true", help="send stdin")
     ex.add_argument("-t", "--tty", action="store_true", help="a terminal for the command")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from host import lifecycle
-from host.adopt import reconcile
+from host.adopt import reconcile, recover
 from host.clifmt import duration, print_json, table, when
 from host.errors import VolarError
 from host.rows import Vm
@@ -216,4 +216,6 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
     elif a == "delete":
         lifecycle.delete(store, args.name)
         args.output.step(f"VM {args.name} deleted")
+    elif a == "recover":
+        args.output.step(recover(store, args.name))
     return 0

@@ -32,6 +32,7 @@ VMMS = ("qemu", "cloud-hypervisor")
 UP = ("running", "healthy", "unhealthy")
 CONTROL_SOCKET = "control.sock"  # in the VM's run dir; host/monitor.py serves it
 MONITOR_LOG = "monitor.log"  # in the VM's run dir: the monitor's stdout and stderr
+MONITOR_LOCK = "monitor.lock"  # flock(2)ed by the one monitor that owns the VM
 POLL_S = 0.05
 
 
@@ -63,7 +64,9 @@ def resolve_kernel(store: Store, requested: str | None) -> Path:
     return path.resolve()
 
 
-def spawn_monitor(store: Store, vm: Vm, *, boot_timeout: float) -> subprocess.Popen[bytes]:
+def spawn_monitor(store: Store, vm: Vm, *, boot_timeout: float | None = None,
+                  adopt: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``vm``'s detached monitor: to launch it, or (``adopt``) to take over its VMM."""
     import subprocess
 
     run_dir = Path(vm.run_dir)
@@ -71,7 +74,8 @@ def spawn_monitor(store: Store, vm: Vm, *, boot_timeout: float) -> subprocess.Po
     with log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "host.monitor", str(store.dir), vm.name,
-             "--boot-timeout", str(boot_timeout)],
+             *(["--boot-timeout", str(boot_timeout)] if boot_timeout is not None else []),
+             *(["--adopt"] if adopt else [])],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -357,17 +361,15 @@ def wait_for_boot(store: Store, name: str, proc: subprocess.Popen[bytes], *,
 
     deadline = time.monotonic() + timeout
     while True:
+        if proc.poll() is not None:
+            # Gone before a final status: adopted if its VMM runs, else crashed
+            # with the end of its log. Either way the store says what is true.
+            reconcile(store, [name])
         vm = store.vm(name)
         if vm.status in UP:
             return vm
         if vm.status in TERMINAL:
             proc.wait()
-            raise BootFailed(_failure(vm))
-        if proc.poll() is not None:
-            reconcile(store, [name])  # says why, and kills what the monitor left
-            vm = store.vm(name)
-            if vm.status in UP:
-                return vm
             raise BootFailed(_failure(vm))
         if time.monotonic() > deadline:
             stop(store, name, grace=0)

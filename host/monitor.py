@@ -10,8 +10,6 @@ a 0600 unix socket in the VM's run directory (or SIGTERM).
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import shlex
 import signal
@@ -19,7 +17,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -27,9 +24,15 @@ from host import snapshot
 from host.agentlink import AgentLink
 from host.errors import VolarError
 from host.exechub import read_line
-from host.ipam import GATEWAY, SUBNET
-from host.lifecycle import CONTROL_SOCKET
-from host.qemu import QEMU_USER_IP
+from host.launch import (
+    AdoptionFailed,
+    adopt_vmm,
+    console_tail,
+    launch_spec,
+    make_driver,
+    own_vm,
+)
+from host.lifecycle import CONTROL_SOCKET, MONITOR_LOCK
 from host.serialconsole import SerialConsole
 from host.state import Store, proc_start_time
 from host.vmm import (
@@ -42,68 +45,29 @@ from host.vmm import (
     terminate,
 )
 from host.vsock import private_listener
-from kestrel.cmdline import CmdlineError, build_cmdline
-from kestrel.manifest import load_manifest
+from kestrel.cmdline import CmdlineError
 from kestrel.protocol import Signal
 
-BASE_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=1"
-# kestrel's ip= for a VM on volar's bridge (host/ipam.py's subnet and gateway).
-BRIDGE_IP = f"{{ip}}::{GATEWAY}:{SUBNET.netmask}:{{name}}:eth0:off"
 # Time on top of the guest's own grace for kestrel to power off and the VMM
 # to exit (TCG guests are slow to sync and power down).
 STOP_MARGIN_S = 10.0
-CONSOLE_TAIL_LINES = 20
 # A helper and its VMM that end within this of each other ended together
 # (a power-off closes the backend's socket); only a helper that dies alone
 # under a running VMM is the VM's crash.
 HELPER_GRACE_S = 1.0
-
-
-def make_driver(vmm: str, *, channel: str = "", guest_cid: int = 0,
-                machine: str = "") -> VmmDriver:
-    """The driver for ``--vmm``: qemu, cloud-hypervisor or ``module:Class``."""
-    if vmm == "qemu":
-        from host.qemu import QemuDriver
-        from host.state import FIRST_GUEST_CID
-
-        cid = guest_cid or FIRST_GUEST_CID
-        if machine:  # chosen at create (snapshots need q35); else the driver's default
-            return QemuDriver(channel=channel or "vsock", guest_cid=cid, machine=machine)
-        return QemuDriver(channel=channel or "vsock", guest_cid=cid)
-    if vmm == "cloud-hypervisor":
-        from host.cloud_hypervisor import CloudHypervisorDriver
-
-        return CloudHypervisorDriver()
-    module, sep, cls = vmm.partition(":")
-    if not sep:
-        raise VmmError(f"unknown VMM {vmm!r}: expected qemu or cloud-hypervisor")
-    factory: Any = getattr(importlib.import_module(module), cls)
-    driver: VmmDriver = factory()
-    return driver
-
-
-def console_tail(path: Path | str, *, lines: int = CONSOLE_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            data = f.read()
-    except OSError:
-        return ""
-    text = data.decode("utf-8", "replace").replace("\r", "")
-    return "\n".join(text.rstrip("\n").split("\n")[-lines:])
-
-
-def guest_port(manifest_json: str) -> int | None:
-    m = load_manifest(manifest_json)
-    return m.workload.url.port if m.workload is not None and m.workload.url else None
+# How long an adopted VM's kestrel has to come back: it drops its silent
+# connection after KEEPALIVE_MISSES x KEEPALIVE_S (16 s), then reconnects.
+ADOPT_RECONNECT_S = 60.0
 
 
 class Monitor:
-    def __init__(self, store: Store, name: str, *, boot_timeout: float) -> None:
+    def __init__(self, store: Store, name: str, *, boot_timeout: float,
+                 adopt: bool = False) -> None:
         self.store = store
         self.name = name
         self.boot_timeout = boot_timeout
+        self.adopting = adopt  # take over a running VMM instead of launching one
+        self._lock_fd = -1
         self.vm = store.vm(name)
         # A VM with a manifest of its own (the containerd shim's) needs no plugin row.
         self.plugin = None if self.vm.manifest_json else store.plugin(self.vm.plugin)
@@ -112,7 +76,7 @@ class Monitor:
         self.driver: VmmDriver | None = None
         self.spec: LaunchSpec | None = None
         self.running: Running | None = None
-        self.link = AgentLink(store, name, last_seq=self.vm.last_seq)
+        self.link = AgentLink(store, name, last_seq=self.vm.last_seq, adopted=adopt)
         self.exited = trio.Event()
         self.exit_code: int | None = None
         self.stop_requested = False
@@ -122,89 +86,66 @@ class Monitor:
         self.console: SerialConsole | None = None
         # A snapshot swaps the vsock backend under this lock (_watch_helpers waits on it).
         self.snapshot_lock = trio.Lock()
-        if self.vm.snapshot:
+        if self.vm.snapshot and not adopt:
             # Restored: every attach tells kestrel so, with this VM's identity.
+            # (An adopted VM was restored long ago: kestrel acted on it then.)
             self.link.session.restore_id = f"{name}-{uuid.uuid4().hex[:12]}"
             self.link.session.hostname = name
 
-    # --- launch -----------------------------------------------------------
-
-    def _spec(self, driver: VmmDriver) -> LaunchSpec:
-        vm = self.vm
-        ip = (BRIDGE_IP if vm.ip else QEMU_USER_IP).format(ip=vm.ip, name=self.name)
-        manifest = json.loads(self.manifest_json)
-        manifest.pop("$schema", None)  # a URL the guest never reads: cmdline bytes are scarce
-        cmdline = build_cmdline(
-            manifest_json=json.dumps(manifest, separators=(",", ":")).encode(),
-            channel=driver.agent_channel(),
-            base=BASE_CMDLINE,
-            extra={
-                "volant.plugin": vm.plugin,
-                "volant.runtime": manifest.get("runtime") or vm.plugin,
-                "kestrel.hostname": self.name,
-                "ip": ip,
-                **({"kestrel.debug_shell": "1"} if vm.debug_shell else {}),
-                **json.loads(vm.cmdline_extra_json),
-            },
-        )
-        extra = {k: v for k, v in (("ip", vm.ip), ("mac", vm.mac), ("tap", vm.tap),
-                                   ("cid", str(vm.guest_cid or ""))) if v}
-        return LaunchSpec(
-            name=self.name,
-            run_dir=self.run_dir,
-            kernel=Path(vm.kernel),
-            initramfs=Path(vm.initramfs),
-            cmdline=cmdline,
-            cpus=vm.cpus,
-            memory_mb=vm.memory_mb,
-            guest_port=guest_port(self.manifest_json),
-            host_port=vm.host_port,
-            scratch_disks=tuple(Path(d) for d in json.loads(vm.scratch_disks_json)),
-            extra=extra,
-            console_socket=(self.run_dir / "serial.sock"
-                            if isinstance(driver, SerialConsoleDriver) else None),
-        )
-
     async def run(self) -> None:
         store, name = self.store, self.name
+        self._lock_fd = own_vm(self.run_dir / MONITOR_LOCK)
+        if self._lock_fd < 0:
+            print(f"monitor: another monitor owns {name}; leaving it alone", flush=True)
+            return
         store.update_vm(name, monitor_pid=os.getpid(), monitor_start=proc_start_time(os.getpid()))
         try:
             self.driver = make_driver(self.vm.vmm, channel=self.vm.channel,
                                       guest_cid=self.vm.guest_cid, machine=self.vm.machine)
-            self.spec = spec = self._spec(self.driver)
+            self.spec = spec = launch_spec(self.vm, self.manifest_json, self.driver)
             command = shlex.join(self.driver.command(spec))
         except (VmmError, CmdlineError, OSError) as exc:
+            if self.adopting:
+                self._give_up(f"cannot rebuild its launch spec: {exc}")
+                return
             store.set_status(name, "failed", f"cannot launch: {exc}", fatal=str(exc))
             return
-        store.update_vm(name, cmdline=spec.cmdline, vmm_command=command)
-        print(f"monitor: {command}", flush=True)
-        store.set_status(name, "starting", f"launching {self.driver.name}")
-        launched = time.time()
-        try:
-            if self.vm.snapshot:
-                self.running = running = await snapshot.restore(self.driver, spec,
-                                                                Path(self.vm.snapshot))
-            else:
-                self.running = running = await self.driver.start(spec)
-        except (VmmError, OSError) as exc:
-            log = spec.run_dir / "console.log"
-            tail = console_tail(log)
-            store.set_status(
-                name, "failed", f"{self.driver.name} did not start: {exc}",
-                fatal=str(exc) + (f"\n{tail}" if tail else ""),
+        launched = 0.0
+        if self.adopting:
+            adopted = await self._adopt(self.driver, spec)
+            if adopted is None:
+                return
+            self.running = running = adopted
+        else:
+            store.update_vm(name, cmdline=spec.cmdline, vmm_command=command)
+            print(f"monitor: {command}", flush=True)
+            store.set_status(name, "starting", f"launching {self.driver.name}")
+            launched = time.time()
+            try:
+                if self.vm.snapshot:
+                    self.running = running = await snapshot.restore(self.driver, spec,
+                                                                    Path(self.vm.snapshot))
+                else:
+                    self.running = running = await self.driver.start(spec)
+            except (VmmError, OSError) as exc:
+                log = spec.run_dir / "console.log"
+                tail = console_tail(log)
+                store.set_status(
+                    name, "failed", f"{self.driver.name} did not start: {exc}",
+                    fatal=str(exc) + (f"\n{tail}" if tail else ""),
+                )
+                return
+            pid = running.process.pid
+            backend = running.helpers[0].process.pid if running.helpers else 0
+            store.update_vm(
+                name,
+                vmm_pid=pid,
+                vmm_start=proc_start_time(pid),
+                backend_pid=backend,
+                backend_start=proc_start_time(backend) if backend else 0,
+                address=running.address,
+                console_log=str(running.console_log),
             )
-            return
-        pid = running.process.pid
-        backend = running.helpers[0].process.pid if running.helpers else 0
-        store.update_vm(
-            name,
-            vmm_pid=pid,
-            vmm_start=proc_start_time(pid),
-            backend_pid=backend,
-            backend_start=proc_start_time(backend) if backend else 0,
-            address=running.address,
-            console_log=str(running.console_log),
-        )
         self.link.launched_at = launched
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._wait_vmm, nursery.cancel_scope)
@@ -219,12 +160,43 @@ class Monitor:
                                  "(the image has no kestrel)")
             else:
                 nursery.start_soon(self.link.run, self.driver, spec, running, self.exited)
-                nursery.start_soon(self._boot_deadline)
+                if self.vm.status in ("pending", "starting"):
+                    nursery.start_soon(self._boot_deadline)
+                elif self.adopting:
+                    nursery.start_soon(self._reconnect_watch)
             nursery.start_soon(self._serve_control, nursery)
             nursery.start_soon(self._signals, nursery)
+            if self.adopting and self.vm.status == "stopping":
+                # The stop the dead monitor was carrying out goes on.
+                nursery.start_soon(self.stop, float(self.vm.stop_grace))
         with trio.CancelScope(shield=True):
             await running.release()
         self._finish()
+
+    # --- adoption ---------------------------------------------------------
+
+    async def _adopt(self, driver: VmmDriver, spec: LaunchSpec) -> Running | None:
+        """Take over the VMM a dead monitor left running; None when it cannot be."""
+        try:
+            running = await adopt_vmm(self.vm, driver, spec)
+        except AdoptionFailed as exc:
+            self._give_up(str(exc))
+            return None
+        self.store.add_event(self.name, "monitor", "adopted", f"monitor {os.getpid()} adopted "
+                             f"{driver.name} pid {running.process.pid}")
+        return running
+
+    async def _reconnect_watch(self) -> None:
+        with trio.move_on_after(ADOPT_RECONNECT_S):
+            await self.link.hello_seen.wait()
+            return
+        self.store.add_event(self.name, "agent", "absent", "kestrel has not come back within "
+                             f"{ADOPT_RECONNECT_S:g} s of the adoption")
+
+    def _give_up(self, why: str) -> None:
+        """Adoption failed: the VM is crashed, and the reason names what was missing."""
+        self.store.set_status(self.name, "crashed", f"its monitor died and {why}",
+                              vmm_pid=0, backend_pid=0)
 
     async def _watch_helpers(self, running: Running) -> None:
         """A helper that dies under a live VMM crashes the VM: kestrel's channel is gone.
@@ -253,7 +225,9 @@ class Monitor:
 
     async def _wait_vmm(self, scope: trio.CancelScope) -> None:
         assert self.running is not None
-        self.exit_code = await self.running.process.wait()
+        code = await self.running.process.wait()
+        # An adopted VMM is not our child: its status is not ours to read.
+        self.exit_code = code if getattr(self.running.process, "status_known", True) else None
         self.exited.set()
         # Give the agent link and the console a moment to drain what the guest wrote last.
         with trio.move_on_after(2.0):
@@ -290,6 +264,11 @@ class Monitor:
             return
         self.stop_requested = True
         self.store.set_status(self.name, "stopping", f"stop requested (grace {grace:g} s)")
+        if self.adopting and self.agent != "none" and not self.link.hello_seen.is_set():
+            # Right after an adoption kestrel is still finding its way back:
+            # a stop it can carry out loses nothing, a kill would.
+            with trio.move_on_after(ADOPT_RECONNECT_S):
+                await self.link.hello_seen.wait()
         if self.agent == "none":
             await self._power_button(grace)
         elif await self.link.send_stop(grace):
@@ -404,7 +383,7 @@ class Monitor:
     def _finish(self) -> None:
         link, code = self.link, self.exit_code
         (self.run_dir / CONTROL_SOCKET).unlink(missing_ok=True)
-        clean_poweroff = code == 0 and (link.poweroff or link.exit_seen)
+        clean_poweroff = code in (0, None) and (link.poweroff or link.exit_seen)
         if self.helper_failed and not self.stop_requested and not clean_poweroff:
             status, detail = "crashed", self.helper_failed
         elif link.fatal:
@@ -415,14 +394,16 @@ class Monitor:
             status = "stopped"
             detail = f"stopped on request ({self.stop_forced})" if self.stop_forced else (
                 "stopped on request")
-        elif code == 0 and (link.poweroff or link.exit_seen):
+        elif clean_poweroff:
             status, detail = "stopped", "guest powered off"
-        elif code == 0 and self.agent == "none" and self.running is not None and (
+        elif code in (0, None) and self.agent == "none" and self.running is not None and (
                 "Kernel panic" not in console_tail(self.running.console_log)):
             status, detail = "stopped", "guest powered off (agent: none)"
         else:
             status = "crashed"
-            detail = f"VMM exited with code {code} without a power-off report from kestrel"
+            how = (f"with code {code}" if code is not None
+                   else "(adopted, so its exit status is unknown)")
+            detail = f"VMM exited {how} without a power-off report from kestrel"
         if status in ("failed", "crashed") and self.running is not None and (
                 detail != self.helper_failed):
             tail = console_tail(self.running.console_log, lines=8)
@@ -436,9 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("state_dir", type=Path)
     p.add_argument("name")
     p.add_argument("--boot-timeout", type=float, default=300.0)
+    p.add_argument("--adopt", action="store_true",
+                   help="take over the running VMM of a monitor that died")
     args = p.parse_args(argv)
     store = Store(args.state_dir)
-    monitor = Monitor(store, args.name, boot_timeout=args.boot_timeout)
+    monitor = Monitor(store, args.name, boot_timeout=args.boot_timeout, adopt=args.adopt)
     try:
         trio.run(monitor.run)
     except BaseException as exc:

@@ -28,8 +28,18 @@ import trio
 from host.bridge import attach_tap, release_tap
 from host.qmp import QmpClient, QmpError
 from host.state import FIRST_GUEST_CID
-from host.vmm import Helper, LaunchSpec, Running, VmmError, prepare_launch, terminate
+from host.vmm import (
+    AdoptedProcess,
+    Helper,
+    LaunchSpec,
+    Running,
+    VmmError,
+    prepare_launch,
+    terminate,
+)
 from host.vsock import (
+    BACKEND_BINARY,
+    BACKEND_LOG,
     BACKEND_SOCKET,
     AgentListener,
     hybrid_socket,
@@ -290,6 +300,52 @@ class QemuDriver:
             with trio.CancelScope(shield=True):
                 await self._kill(running)
                 await running.release()
+            raise
+        return running
+
+    async def adopt(self, spec: LaunchSpec, vmm: AdoptedProcess,
+                    backend: AdoptedProcess | None, *, address: str) -> Running:
+        """Take over a QEMU whose monitor died: kestrel's listener, QMP, the console.
+
+        The guest's vsock connection went with the old monitor; kestrel comes
+        back to a fresh ``<uds>_9000`` listener (it drops a silent connection,
+        kestrel.protocol.KEEPALIVE_MISSES) and replays what the store lacks.
+        """
+        helpers: list[Helper] = []
+        if self.channel == "vsock":
+            if backend is None:
+                raise VmmError(f"{spec.name}: its vsock backend is gone too, so kestrel "
+                               "cannot reach the host any more")
+            helpers.append(Helper(name=BACKEND_BINARY, process=backend,
+                                  log=spec.run_dir / BACKEND_LOG))
+        running = Running(process=vmm, console_log=spec.run_dir / "console.log",
+                          address=address, helpers=helpers)
+        try:
+            if self.channel == "vsock":
+                running.agent_listener = await AgentListener.open(hybrid_socket(spec.run_dir),
+                                                                  VSOCK_PORT)
+            async with await self._qmp(spec, running, timeout=10.0) as qmp:
+                try:
+                    status = await qmp.status()
+                    if status != "running":
+                        raise VmmError(f"{spec.name}: QEMU is {status or 'in an unknown state'}"
+                                       ", not running")
+                    if spec.console_socket is not None:
+                        # The UART's old peer died with the monitor: point it at a
+                        # fresh listener (QEMU dials it during the command).
+                        self._consoles[spec.name] = await private_listener(spec.console_socket)
+                        await qmp.execute("chardev-change", {"id": "con0", "backend": {
+                            "type": "socket", "data": {"server": False, "addr": {
+                                "type": "unix", "data": {"path": str(spec.console_socket)}}}}})
+                except QmpError as exc:
+                    raise VmmError(f"{spec.name}: {exc}") from None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if running.agent_listener is not None:
+                    await running.agent_listener.aclose()
+                serial = self._consoles.pop(spec.name, None)
+                if serial is not None:
+                    await serial.aclose()
             raise
         return running
 

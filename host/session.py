@@ -24,6 +24,7 @@ from kestrel.protocol import (
     Hello,
     HostSession,
     Message,
+    Pong,
     ProtocolError,
 )
 
@@ -33,6 +34,10 @@ RECEIVE_SIZE = 256 * 1024
 # them and deliver each copy, and each copy earns a hello and a replay.
 REATTACH_S = 2.0
 RETRY_S = 0.1
+# The host says something at least this often (a ping when it has nothing
+# else); kestrel drops a connection that stays quiet for several of these
+# (kestrel.protocol.KEEPALIVE_MISSES).
+KEEPALIVE_S = 2.0
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 # Bytes of host randomness a restored guest mixes into its kernel RNG: a
 # ChaCha20 key's worth (the kernel's CRNG key is 32 bytes).
@@ -47,10 +52,12 @@ class Sink(Protocol):
 
 class SessionLoop:
     def __init__(self, sink: Sink, *, last_seq: int = 0, session: HostSession | None = None,
-                 reattach_s: float = REATTACH_S,
+                 reattach_s: float = REATTACH_S, keepalive_s: float = KEEPALIVE_S,
                  say: Callable[[str], None] | None = None) -> None:
         self.sink = sink
         self.session = session or HostSession(last_seq=last_seq)
+        if not self.session.keepalive_s:
+            self.session.keepalive_s = keepalive_s
         self.reattach_s = reattach_s
         self.say = say or (lambda line: print(f"agent: {line}", flush=True))
         self.stream: trio.abc.Stream | None = None
@@ -58,6 +65,7 @@ class SessionLoop:
         self.drained = trio.Event()  # run()/serve_listener() ended
         self.connections = 0
         self._send_lock = trio.Lock()
+        self._sent_at = 0.0  # trio.current_time() of the last write, for the keepalive
         self.exec = ExecHub(self._send_exec, log=self.say)  # exec sessions ride the connection
 
     # --- one connection ------------------------------------------------------
@@ -68,22 +76,31 @@ class SessionLoop:
         self.stream = stream
         connection = self.exec.connection = self.connections  # exec sessions opened now ride it
         opened = time.monotonic()
+        keepalive = self.session.keepalive_s or float("inf")
         try:
             wall_ns, entropy = self._restore_facts()
             await self._send(self.session.attach(wall_ns=wall_ns, entropy=entropy), stream)
             greeted = False
             reattach, resent = self.reattach_s, 0
+            reattach_at = trio.current_time() + reattach
             while True:
-                with trio.move_on_after(reattach if not greeted else float("inf")) as idle:
+                wake = self._sent_at + keepalive
+                data: bytes | bytearray | None = None
+                with trio.move_on_at(wake if greeted else min(wake, reattach_at)):
                     data = await stream.receive_some(RECEIVE_SIZE)
-                if idle.cancelled_caught:
-                    resent += 1
-                    reattach *= 2
-                    # Not session.attach(): that resets the decoder, and a frame
-                    # may be half-way through it.
-                    wall_ns, entropy = self._restore_facts()
-                    await self._send(self.session.reattach(wall_ns=wall_ns, entropy=entropy),
-                                     stream)
+                if data is None:  # quiet: re-attach (no hello yet) or keep the guest's faith
+                    now = trio.current_time()
+                    if not greeted and now >= reattach_at:
+                        resent += 1
+                        reattach *= 2
+                        reattach_at = now + reattach
+                        # Not session.attach(): that resets the decoder, and a
+                        # frame may be half-way through it.
+                        wall_ns, entropy = self._restore_facts()
+                        await self._send(self.session.reattach(wall_ns=wall_ns,
+                                                               entropy=entropy), stream)
+                    elif now >= wake:
+                        await self._send(self.session.ping(), stream)
                     continue
                 if not data:
                     return
@@ -92,7 +109,8 @@ class SessionLoop:
                     greeted = True
                     self.say(f"hello {time.monotonic() - opened:.2f} s after connecting "
                              f"({resent} attach re-sent)")
-                rest = self.exec.route(messages)
+                # Pongs answer keepalive pings: liveness only, nothing to keep.
+                rest = [m for m in self.exec.route(messages) if not isinstance(m, Pong)]
                 if rest:  # a batch of exec output alone is no store transaction
                     self.sink.record(rest)
                 if greeted:
@@ -120,6 +138,7 @@ class SessionLoop:
             if target is None:
                 raise trio.ClosedResourceError("no agent connection")
             await target.send_all(data)
+            self._sent_at = trio.current_time()
 
     async def _send_exec(self, data: bytes) -> None:
         if self.stream is None or not self.hello_seen.is_set():

@@ -8,6 +8,8 @@ monitor a byte stream to kestrel, and stops the VMM when asked. The monitor
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import shutil
 import signal
 from collections.abc import Callable
@@ -61,7 +63,84 @@ def prepare_launch(spec: LaunchSpec, *, binary: str, install_hint: str) -> None:
     spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-async def terminate(process: trio.Process, *, grace: float = 3.0, what: str = "process") -> None:
+class Proc(Protocol):
+    """A process a monitor watches: trio.Process for its own children, AdoptedProcess
+    for a VMM (and its helpers) that a monitor which died left running."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+class AdoptedProcess:
+    """A process this one did not start, watched through a pidfd (Linux >= 5.3).
+
+    The pidfd names one process: a pid recycled after it exits can be neither
+    mistaken for it nor signalled. It is not our child, so its exit status is
+    not ours to read: ``returncode`` is 0 once it is gone and ``status_known``
+    says not to believe it.
+    """
+
+    status_known = False
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self._fd = pidfd
+        self._gone = False
+        self._wait_lock = trio.Lock()
+
+    @classmethod
+    def open(cls, pid: int, start: int) -> AdoptedProcess | None:
+        """The live process ``pid`` if it is still the one that started at ``start``."""
+        from host.state import proc_start_time
+
+        if pid <= 0 or start <= 0:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # gone (ESRCH), or not ours to watch
+            return None
+        # Checked after the pidfd is open: from here on the pid cannot be reused
+        # under us, so a match means the pidfd holds the process we recorded.
+        if proc_start_time(pid) != start:
+            os.close(fd)
+            return None
+        return cls(pid, fd)
+
+    @property
+    def returncode(self) -> int | None:
+        if not self._gone and select.select([self._fd], [], [], 0)[0]:
+            self._gone = True
+        return 0 if self._gone else None
+
+    async def wait(self) -> int:
+        async with self._wait_lock:  # one waiter on the fd at a time, as trio.Process
+            if self.returncode is None:
+                await trio.lowlevel.wait_readable(self._fd)
+                self._gone = True
+        return 0
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._fd, sig)
+
+
+def exit_text(process: Proc) -> str:
+    """How a process ended, in words (an adopted one's status is unknown)."""
+    code = process.returncode
+    if not getattr(process, "status_known", True):
+        return "exited (its status is unknown: not a child of this monitor)"
+    return f"killed by signal {-code}" if code is not None and code < 0 else f"exited {code}"
+
+
+async def terminate(process: Proc, *, grace: float = 3.0, what: str = "process") -> None:
     """SIGTERM, ``grace`` seconds, SIGKILL; returns once the process is reaped."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         if process.returncode is not None:
@@ -79,7 +158,7 @@ class Helper:
     """A process the VM needs besides the VMM (the vsock backend): it lives and dies with it."""
 
     name: str
-    process: trio.Process
+    process: Proc
     log: Path
 
     def log_tail(self, chars: int = 800) -> str:
@@ -90,10 +169,9 @@ class Helper:
 
     def failure(self) -> str:
         """Why the VM cannot go on: the helper's exit and the end of its log."""
-        code = self.process.returncode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited {code}"
         tail = self.log_tail()
-        return f"{self.name} (pid {self.process.pid}) {how}" + (f": {tail}" if tail else "")
+        return (f"{self.name} (pid {self.process.pid}) {exit_text(self.process)}"
+                + (f": {tail}" if tail else ""))
 
     async def stop(self) -> None:
         await terminate(self.process, grace=2.0, what=self.name)
@@ -103,7 +181,7 @@ class Helper:
 class Running:
     """What a started VMM looks like to the monitor."""
 
-    process: trio.Process
+    process: Proc
     console_log: Path
     # Where the workload is reachable from the host, e.g. "127.0.0.1:34567".
     address: str = ""
@@ -182,4 +260,15 @@ class SnapshotDriver(Protocol):
 
     async def restore(self, spec: LaunchSpec, state: Path) -> Running:
         """A new VMM that loads ``state`` and runs; on failure nothing is left."""
+        ...
+
+
+@runtime_checkable
+class AdoptingDriver(Protocol):
+    """A driver that can take over a VMM whose monitor died (host/adopt.py)."""
+
+    async def adopt(self, spec: LaunchSpec, vmm: AdoptedProcess,
+                    backend: AdoptedProcess | None, *, address: str) -> Running:
+        """Reconnect to a running VMM: the agent listener, the VMM's control
+        channel, the console; a VmmError says why it cannot be adopted."""
         ...

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from host.vmm import Helper, VmmError
+from host.vmm import Helper, Proc, VmmError, exit_text
 from kestrel.layout import VSOCK_PORT
 
 # The hybrid socket's name inside a VM's run directory, for every driver.
@@ -90,7 +90,7 @@ class AgentListener:
         self._listener = await private_listener(self.path, backlog=2)
         return self
 
-    async def accept(self, process: trio.Process, *, timeout: float, what: str
+    async def accept(self, process: Proc, *, timeout: float, what: str
                      ) -> trio.abc.Stream:
         """The guest's next connection; a VmmError once the VMM is gone or ``timeout`` passes."""
         listener = self._listener
@@ -109,7 +109,7 @@ class AgentListener:
                 nursery.cancel_scope.cancel()
             if got:
                 return got[0]
-            raise VmmError(f"{what}: the VMM exited (status {process.returncode}) "
+            raise VmmError(f"{what}: the VMM {exit_text(process)} "
                            "before kestrel connected over vsock")
         raise VmmError(f"{what}: kestrel did not connect over vsock port {self.port} "
                        f"within {timeout:g} s")

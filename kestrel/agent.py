@@ -81,7 +81,15 @@ class Agent:
 
     async def _reader(self, stream: trio.abc.Stream, nursery: trio.Nursery) -> None:
         while True:
-            data = await stream.receive_some(65536)
+            # A host that promised keepalives and went quiet is gone, even when
+            # the transport never says so (kestrel.protocol.KEEPALIVE_MISSES):
+            # reconnect, and the replay makes the gap lossless.
+            limit = self.outbox.session.silence_limit_s
+            with trio.move_on_after(float("inf") if limit is None else limit) as quiet:
+                data = await stream.receive_some(65536)
+            if quiet.cancelled_caught:
+                console(f"host silent for {limit:g} s: reconnecting")
+                return
             if not data:
                 return
             for cmd in self.outbox.receive(bytes(data)):

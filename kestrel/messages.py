@@ -31,6 +31,8 @@ class Attach(Message):
     VM's own ``hostname``, the host's wall clock (``wall_ns``, CLOCK_REALTIME
     when the frame was made) and fresh ``entropy`` for the kernel's RNG.
     kestrel acts once per restore_id; a cold-booted VM's host sends none.
+    ``keepalive_s`` > 0 promises a frame (an ack, a command or a ping) at
+    least that often; 0 (an older host) promises nothing.
     """
 
     TYPE: ClassVar[str] = "attach"
@@ -40,6 +42,7 @@ class Attach(Message):
     hostname: str = ""
     wall_ns: int = 0
     entropy: bytes = b""
+    keepalive_s: float = 0.0
 
 
 @dataclass(slots=True)

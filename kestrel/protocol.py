@@ -53,6 +53,11 @@ MAX_FRAME = 4 * 1024 * 1024
 # A log record carries at most this much; larger reads are split.
 MAX_LOG_CHUNK = 256 * 1024
 _LEN = struct.Struct(">I")
+# A host that promises a keepalive (attach.keepalive_s) and then says nothing
+# for this many intervals is gone, even if the transport never said so:
+# vhost-device-vsock 0.3 swallows the read error of a host peer that died
+# with unread bytes and never resets the guest's connection.
+KEEPALIVE_MISSES = 8
 
 
 class ProtocolError(ValueError):
@@ -61,6 +66,7 @@ class ProtocolError(ValueError):
 
 # The messages are part of this module's face: callers import them from here.
 __all__ = [
+    "KEEPALIVE_MISSES",
     "MAX_FRAME",
     "MAX_LOG_CHUNK",
     "MESSAGE_TYPES",
@@ -183,6 +189,7 @@ class GuestSession:
         self.timeline: dict[str, float] = {}
         self.next_seq = 1
         self.attached = False
+        self.host_keepalive_s = 0.0
         self.dropped_total = 0
         # Highest seq already counted in dropped_total: a range announced
         # again (the host missed the first announcement) is not lost twice.
@@ -225,9 +232,17 @@ class GuestSession:
             self._buffered_bytes -= len(self._buffer.popleft()[1])
         return frame
 
+    @property
+    def silence_limit_s(self) -> float | None:
+        """How long the host may say nothing before the connection counts as dead."""
+        if not self.attached or self.host_keepalive_s <= 0:
+            return None
+        return self.host_keepalive_s * KEEPALIVE_MISSES
+
     def detach(self) -> None:
         """The transport went away; keep everything unacknowledged."""
         self.attached = False
+        self.host_keepalive_s = 0.0
         self._decoder = FrameDecoder()
 
     def receive(self, data: bytes) -> tuple[list[Message], bytes]:
@@ -255,6 +270,7 @@ class GuestSession:
     def _on_attach(self, msg: Attach) -> bytes:
         self._on_ack(msg.last_seq)
         self.attached = True
+        self.host_keepalive_s = msg.keepalive_s
         out = bytearray(
             encode(
                 Hello(
@@ -291,8 +307,11 @@ class GuestSession:
 class HostSession:
     """The host's side: attach, dedupe replays, count gaps, produce acks."""
 
-    def __init__(self, *, last_seq: int = 0, restore_id: str = "", hostname: str = "") -> None:
+    def __init__(self, *, last_seq: int = 0, restore_id: str = "", hostname: str = "",
+                 keepalive_s: float = 0.0) -> None:
         self.last_seq = last_seq
+        self.keepalive_s = keepalive_s
+        self._pings = 0
         # Set for a VM restored from a snapshot: every attach then says so.
         self.restore_id = restore_id
         self.hostname = hostname
@@ -315,9 +334,15 @@ class HostSession:
     def reattach(self, *, wall_ns: int = 0, entropy: bytes = b"") -> bytes:
         """attach() again on the same connection, keeping a half-received frame."""
         if not self.restore_id:
-            return encode(Attach(last_seq=self.last_seq))
+            return encode(Attach(last_seq=self.last_seq, keepalive_s=self.keepalive_s))
         return encode(Attach(last_seq=self.last_seq, restore_id=self.restore_id,
-                             hostname=self.hostname, wall_ns=wall_ns, entropy=entropy))
+                             hostname=self.hostname, wall_ns=wall_ns, entropy=entropy,
+                             keepalive_s=self.keepalive_s))
+
+    def ping(self) -> bytes:
+        """What the host sends when it has had nothing to say for keepalive_s."""
+        self._pings += 1
+        return encode(Ping(id=self._pings))
 
     def receive(self, data: bytes) -> list[Message]:
         """Feed guest bytes; returns new messages (replayed duplicates removed)."""

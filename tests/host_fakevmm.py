@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from host.vmm import LaunchSpec, Running, VmmError
+from host.vmm import AdoptedProcess, LaunchSpec, Running, VmmError
 from kestrel.cmdline import Channel, boot_config
 from kestrel.manifest import ManifestError, load_manifest
 from kestrel.protocol import (
@@ -62,6 +62,35 @@ class FakeDriver:
         running.process.send_signal(signal.SIGTERM)
         with trio.move_on_after(timeout):
             await running.process.wait()
+
+    async def adopt(self, spec: LaunchSpec, vmm: AdoptedProcess, backend: AdoptedProcess | None,
+                    *, address: str) -> Running:
+        """The fake guest keeps listening on agent.sock: the new monitor just connects."""
+        return Running(process=vmm, console_log=spec.run_dir / "console.log", address=address)
+
+
+class RigidDriver:
+    """The fake VMM through a driver that cannot adopt (as cloud-hypervisor's today)."""
+
+    name = "rigid"
+
+    def __init__(self) -> None:
+        self._fake = FakeDriver()
+
+    def agent_channel(self) -> Channel:
+        return self._fake.agent_channel()
+
+    def command(self, spec: LaunchSpec) -> list[str]:
+        return self._fake.command(spec)
+
+    async def start(self, spec: LaunchSpec) -> Running:
+        return await self._fake.start(spec)
+
+    async def open_agent_stream(self, spec: LaunchSpec, running: Running) -> trio.abc.Stream:
+        return await self._fake.open_agent_stream(spec, running)
+
+    async def shutdown(self, spec: LaunchSpec, running: Running, *, timeout: float) -> None:
+        await self._fake.shutdown(spec, running, timeout=timeout)
 
 
 class Guest:

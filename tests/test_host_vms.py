@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,22 +184,90 @@ def test_vmm_dying_without_poweroff_is_crashed(volar: Volar, tmp_path: Path,
     volar.ok("vms", "delete", "boom")
 
 
-def test_killed_monitor_is_detected_as_crashed(installed: Volar, kernel: Path) -> None:
-    _create(installed, kernel)
-    vm = installed.json("vms", "show", "caddy-demo")
+def _kill_monitor(volar: Volar, name: str) -> dict[str, Any]:
+    vm: dict[str, Any] = volar.json("vms", "show", name)
     os.kill(vm["monitor_pid"], signal.SIGKILL)
+    _wait_gone(vm["monitor_pid"])
+    return vm
+
+
+def _wait_gone(pid: int) -> None:
     deadline = time.monotonic() + 10
-    while proc_start_time(vm["monitor_pid"]) != 0:
-        assert time.monotonic() < deadline
+    while proc_start_time(pid) != 0:
+        assert time.monotonic() < deadline, f"pid {pid} still there"
         time.sleep(0.02)
+
+
+def _events(volar: Volar, name: str, kind: str) -> list[str]:
+    return [e["value"] for e in volar.json("vms", "show", name)["events"] if e["kind"] == kind]
+
+
+def test_a_killed_monitor_is_replaced_and_the_vm_runs_on(installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    _wait_logs(installed, "caddy-demo", 6)
+    before = _kill_monitor(installed, "caddy-demo")
+    listed = installed.json("vms", "list")[0]  # any command adopts; list is the usual one
+    assert listed["status"] == "healthy", listed["detail"]  # as before the kill
+    after = installed.json("vms", "show", "caddy-demo")
+    assert after["monitor_pid"] not in (0, before["monitor_pid"])
+    assert after["vmm_pid"] == before["vmm_pid"]  # the same VMM, its workload untouched
+    assert _events(installed, "caddy-demo", "monitor") == ["gone", "adopted"]
+    deadline = time.monotonic() + 20
+    while "reattached" not in _events(installed, "caddy-demo", "agent"):
+        assert time.monotonic() < deadline, "the fake kestrel never came back"
+        time.sleep(0.05)
+    assert sorted(_wait_logs(installed, "caddy-demo", 6)) == [
+        "err1", "err2", "err3", "out1", "out2", "out3"]  # each once: the replay is deduplicated
+    stopped = installed.ok("vms", "stop", "caddy-demo", "--grace", "1")
+    assert "VM caddy-demo stopped" in stopped
+    assert installed.json("vms", "show", "caddy-demo")["exit"] is not None  # kestrel's report
+    installed.ok("vms", "delete", "caddy-demo")
+
+
+def test_vms_recover_adopts_or_says_why_not(installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    pid = installed.json("vms", "show", "caddy-demo")["monitor_pid"]
+    assert installed.ok("vms", "recover", "caddy-demo").strip() == (
+        f"VM caddy-demo: its monitor (pid {pid}) is running; nothing to recover")
+    _kill_monitor(installed, "caddy-demo")
+    out = installed.ok("vms", "recover", "caddy-demo")
+    new = installed.json("vms", "show", "caddy-demo")["monitor_pid"]
+    assert out.strip() == f"VM caddy-demo healthy under a new monitor (pid {new})"
+    installed.ok("vms", "stop", "caddy-demo", "--grace", "1")
+    r = installed("vms", "recover", "caddy-demo")
+    assert r.code == 1 and r.err.strip() == (
+        "volar: VM caddy-demo is stopped: nothing runs to recover "
+        "(`volar vms show caddy-demo` says why)")
+    installed.ok("vms", "delete", "caddy-demo")
+
+
+def test_a_vmm_that_cannot_be_adopted_is_killed_and_the_reason_says_why(
+        installed: Volar, kernel: Path) -> None:
+    installed.ok("vms", "create", "rigid", "--plugin", "caddy", "--kernel", str(kernel),
+                 "--vmm", "tests.host_fakevmm:RigidDriver", "--timeout", "30")
+    vm = _kill_monitor(installed, "rigid")
     listed = installed.json("vms", "list")[0]
     assert listed["status"] == "crashed"
-    assert f"monitor process {vm['monitor_pid']} is gone" in listed["detail"]
-    # its VMM is not left running unobserved
-    deadline = time.monotonic() + 10
-    while proc_start_time(vm["vmm_pid"]) != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert listed["detail"] == (
+        f"its monitor died and could not adopt its VMM (pid {vm['vmm_pid']}): the rigid "
+        "driver cannot adopt a running VMM; killed it")
+    _wait_gone(vm["vmm_pid"])  # not left running unobserved
+    installed.ok("vms", "delete", "rigid")
+
+
+def test_a_monitor_and_vmm_both_gone_is_a_crash_that_says_so(
+        installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    vm = installed.json("vms", "show", "caddy-demo")
+    os.kill(vm["vmm_pid"], signal.SIGKILL)
+    _kill_monitor(installed, "caddy-demo")
+    _wait_gone(vm["vmm_pid"])
+    listed = installed.json("vms", "list")[0]
+    if listed["status"] == "crashed" and "gone too" in listed["detail"]:
+        assert listed["detail"].startswith(f"monitor process {vm['monitor_pid']} is gone; "
+                                           "its VMM is gone too")
+    else:  # the monitor saw its VMM die before its own death
+        assert listed["status"] == "crashed", listed
     installed.ok("vms", "delete", "caddy-demo")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from host.vsock import private_listener
 from kestrel.protocol import Exit, Log, Signal, State, Stop, Timeline
 from tests.pid1 import PYTHON, Kestrel, Run, frozen_kestrel, manifest, run_kestrel
 
@@ -303,6 +304,36 @@ async def test_reconnect_resumes_without_loss() -> None:
     assert run.session.lost == 0
     seqs = [m.seq for m in run.messages if hasattr(m, "seq") and m.SEQUENCED]
     assert seqs == sorted(set(seqs))  # each record once, in order
+
+
+async def test_a_host_that_goes_quiet_without_closing_is_dropped_and_nothing_is_lost() -> None:
+    # What a vsock backend does when the monitor dies with unread bytes: the
+    # guest's connection stays open and nothing arrives on it any more.
+    prog = ("import time\nfor i in range(4000):\n    print(f'line {i}', flush=True)\n"
+            "    time.sleep(0.001)\n")
+
+    async def scenario(k: Kestrel) -> None:
+        listener = await private_listener(k.run.dir / "agent.sock")
+        session = k.run.session
+        session.keepalive_s = 0.25  # kestrel gives up after KEEPALIVE_MISSES of these
+        quiet = await listener.accept()
+        await quiet.send_all(session.attach())
+        while b"line 500" not in k.run.logs():
+            k.run.collector.record(session.receive(bytes(await quiet.receive_some(65536))))
+        session.ack()  # never sent: this host is gone from kestrel's point of view
+        with trio.fail_after(30):
+            again = await listener.accept()  # kestrel noticed the silence and came back
+        await k.run.loop._serve_one(again)  # until kestrel powers off
+        await quiet.aclose()
+        await listener.aclose()
+
+    run = await run_kestrel(manifest([PY, "-c", prog]), scenario=scenario, serve=False)
+    lines = run.logs("stdout").decode().splitlines()
+    assert lines == [f"line {i}" for i in range(4000)]
+    assert run.session.lost == 0 and run.loop.connections == 1
+    seqs = [m.seq for m in run.messages if hasattr(m, "seq") and m.SEQUENCED]
+    assert seqs == sorted(set(seqs))  # each record once, in order
+    assert "host silent for 2 s: reconnecting" in run.console
 
 
 async def test_host_signal_command_reaches_the_group() -> None:

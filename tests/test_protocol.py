@@ -24,6 +24,7 @@ from hypothesis.stateful import (
 
 import kestrel.execproto  # noqa: F401  (registers the exec frames: every test covers them)
 from kestrel.protocol import (
+    KEEPALIVE_MISSES,
     MAX_FRAME,
     MESSAGE_TYPES,
     SCHEMA,
@@ -334,6 +335,22 @@ def test_ping_is_answered_and_stop_signal_are_handed_to_kestrel() -> None:
     )
     assert commands == [Stop(grace_s=2.5), Signal(signum=1)]
     assert host.receive(out) == [Pong(id=9)]
+
+
+def test_a_host_that_promises_keepalives_sets_the_guests_silence_limit() -> None:
+    guest = GuestSession(agent="k", boot_id="b")
+    assert guest.silence_limit_s is None  # nobody attached: nothing to lose
+    old_host = HostSession()  # promises nothing: the guest waits for it forever
+    guest.receive(old_host.attach())
+    assert guest.silence_limit_s is None
+    host = HostSession(keepalive_s=2.0)
+    assert decode_all(host.attach()) == [Attach(last_seq=0, keepalive_s=2.0)]
+    guest.receive(host.attach())
+    assert guest.silence_limit_s == 2.0 * KEEPALIVE_MISSES
+    _, out = guest.receive(host.ping())
+    assert host.receive(out) == [Pong(id=1)]
+    guest.detach()
+    assert guest.silence_limit_s is None
 
 
 def test_telemetry_is_not_buffered_while_detached() -> None:
