@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from host.vmm import Helper, Proc, VmmError, exit_text
+from host.vmm import Helper, Proc, VmmError
 from kestrel.layout import VSOCK_PORT
 
 # The hybrid socket's name inside a VM's run directory, for every driver.
@@ -109,7 +109,8 @@ class AgentListener:
                 nursery.cancel_scope.cancel()
             if got:
                 return got[0]
-            raise VmmError(f"{what}: the VMM {exit_text(process)} "
+            status = process.returncode if getattr(process, "status_known", True) else "unknown"
+            raise VmmError(f"{what}: the VMM exited (status {status}) "
                            "before kestrel connected over vsock")
         raise VmmError(f"{what}: kestrel did not connect over vsock port {self.port} "
                        f"within {timeout:g} s")
