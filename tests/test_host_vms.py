@@ -224,6 +224,24 @@ def test_a_killed_monitor_is_replaced_and_the_vm_runs_on(installed: Volar, kerne
     installed.ok("vms", "delete", "caddy-demo")
 
 
+def test_two_commands_that_find_a_dead_monitor_at_once_adopt_once(
+        installed: Volar, kernel: Path) -> None:
+    _create(installed, kernel)
+    _kill_monitor(installed, "caddy-demo")
+    lists = [subprocess.Popen(
+        [sys.executable, "-m", "host.cli", "--state-dir", str(installed.state), "vms", "list"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    for p in lists:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert b"healthy" in out
+    assert _events(installed, "caddy-demo", "monitor") == ["gone", "adopted"]
+    vm = installed.json("vms", "show", "caddy-demo")
+    assert proc_start_time(vm["monitor_pid"]) != 0
+    installed.ok("vms", "stop", "caddy-demo", "--grace", "1")
+    installed.ok("vms", "delete", "caddy-demo")
+
+
 def test_vms_recover_adopts_or_says_why_not(installed: Volar, kernel: Path) -> None:
     _create(installed, kernel)
     pid = installed.json("vms", "show", "caddy-demo")["monitor_pid"]
