@@ -145,3 +145,119 @@ def test_two_containers_run_at_once(ctrd: Containerd) -> None:
     for name, run in runs.items():
         assert run.returncode == 143, outs[name]
         assert outs[name][0] == f"up {name}\n"
+
+
+def _ctr_on_a_pty(c: Containerd, *args: str, timeout: float = WAIT_S) -> tuple[int, str]:
+    """ctr with a terminal of its own (ctr -t needs one): its status and what it printed."""
+    import os
+    import subprocess
+
+    master, slave = os.openpty()
+    cmd = ["ctr", "--address", str(c.socket), "--namespace", "kestrel-test", *args]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every writer of the pty is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out.decode(errors="replace")
+
+
+def test_exec_runs_beside_the_workload_with_stdin_status_and_a_terminal(
+        ctrd: Containerd) -> None:
+    ctrd.ctr(*RUN, "-d", IMAGE, "c1", "sleep", "1000")
+    try:
+        done = ctrd.ctr("task", "exec", "--exec-id", "e1", "c1", "cat", "/etc/hostname")
+        assert done.stdout == "kestrel-image\n"
+        done = ctrd.ctr("task", "exec", "--exec-id", "e2", "c1", "sh", "-c",
+                        "read x; echo got $x; echo err >&2", input=b"hi\n")
+        assert done.stdout == "got hi\n" and "err" in done.stderr
+        done = ctrd.ctr("task", "exec", "--exec-id", "e3", "c1", "sh", "-c", "exit 5",
+                        check=False)
+        assert done.returncode == 5
+        status, out = _ctr_on_a_pty(ctrd, "task", "exec", "-t", "--exec-id", "e4", "c1",
+                                    "sh", "-c", "tty; stty size")
+        assert status == 0, out
+        assert "/dev/pts/" in out
+        done = ctrd.ctr("task", "exec", "--exec-id", "e5", "c1", "/bin/nosuch", check=False)
+        assert done.returncode != 0 and "nosuch" in done.stderr
+    finally:
+        ctrd.ctr("task", "kill", "c1", check=False)
+        _until(lambda: _task_status(ctrd, "c1") == "STOPPED", "c1 stopped")
+        ctrd.ctr("task", "rm", "c1")
+        ctrd.ctr("container", "rm", "c1")
+
+
+# --- bad input and failures: one clear line, nothing left behind ---------------------
+
+def _no_vm_left(c: Containerd, shim_root: Path, name: str = "c1") -> None:
+    from host.containerd.config import socket_path
+
+    sock = socket_path(str(c.socket), "kestrel-test", name)
+    _until(lambda: not sock.exists(), f"the shim socket {sock} removed", timeout=60)
+    _until(lambda: not processes_mentioning(f"{shim_root}/shim/vms/kestrel-test.{name}"),
+           f"{name}'s QEMU and monitor gone", timeout=60)
+    assert not list((shim_root / "shim" / "images").glob("container-*")), "uncached image left"
+    assert str(shim_root) not in Path("/proc/self/mountinfo").read_text(), "rootfs left mounted"
+
+
+def test_a_program_missing_from_the_rootfs_is_named(ctrd: Containerd, shim_root: Path) -> None:
+    done = ctrd.ctr(*RUN, "--rm", IMAGE, "c1", "/bin/nosuch", "arg", check=False)
+    assert done.returncode != 0
+    assert "'/bin/nosuch': no such executable in the container's rootfs" in done.stderr
+    _no_vm_left(ctrd, shim_root)
+
+
+def test_a_config_a_vm_cannot_honour_is_refused_by_key(ctrd: Containerd,
+                                                       shim_root: Path) -> None:
+    done = ctrd.ctr(*RUN, "--rm", "--with-ns", "network:/proc/1/ns/net", IMAGE, "c1",
+                    "echo", "x", check=False)
+    assert done.returncode != 0
+    assert "linux.namespaces: joining the network namespace at /proc/1/ns/net" in done.stderr
+    _no_vm_left(ctrd, shim_root)
+
+
+def test_a_task_survives_containerd_being_killed_and_is_reported_after_restart(
+        ctrd: Containerd, shim_root: Path) -> None:
+    import signal
+
+    ctrd.ctr(*RUN, "-d", IMAGE, "c1", "sh", "-c", "echo started; sleep 1000")
+    ctrd.stop(signal.SIGKILL)
+    ctrd.start()
+    assert _task_status(ctrd, "c1") == "RUNNING"
+    ctrd.ctr("task", "exec", "--exec-id", "e1", "c1", "true")  # the shim still answers
+    ctrd.ctr("task", "kill", "c1")
+    _until(lambda: _task_status(ctrd, "c1") == "STOPPED", "c1 stopped")
+    ctrd.ctr("task", "rm", "c1")
+    ctrd.ctr("container", "rm", "c1")
+    _no_vm_left(ctrd, shim_root)
+
+
+def test_a_shim_killed_with_sigkill_takes_its_vm_with_it(ctrd: Containerd,
+                                                        shim_root: Path) -> None:
+    import os
+    import signal
+
+    ctrd.ctr(*RUN, "-d", IMAGE, "c1", "sleep", "1000")
+    shims = [pid for pid, cmd in processes_mentioning("host.containerd.shim")
+             if str(ctrd.socket) in cmd and " -id c1 " in f"{cmd} "]
+    assert len(shims) == 1, shims
+    os.kill(shims[0], signal.SIGKILL)
+    # containerd runs `containerd-shim-kestrel-v1 delete`, which stops the VM.
+    _no_vm_left(ctrd, shim_root)
+    _until(lambda: _task_status(ctrd, "c1") in ("", "STOPPED"), "c1 no longer running")
+    ctrd.ctr("task", "rm", "c1", check=False, quiet=True)
+    ctrd.ctr("container", "rm", "c1")

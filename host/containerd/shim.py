@@ -147,8 +147,9 @@ def _open_log(bundle: Path) -> int:
 
 def delete(args: Args) -> int:
     """Clean up after a shim that is gone: its VM, socket, image, rootfs mount."""
+    from host.containerd.process import now_ts
     from host.containerd.proto import shim_pb2
-    from host.containerd.task import cleanup_vm, now_ts
+    from host.containerd.vm import cleanup_vm
     from host.state import Store
 
     bundle = Path(args.bundle) if args.bundle else Path.cwd()

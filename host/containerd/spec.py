@@ -32,6 +32,8 @@ class ProcessSpec:
     env: dict[str, str]
     cwd: str
     terminal: bool
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ class ContainerSpec:
     cpus: int | None  # from linux.resources.cpu quota/period
 
 
-def parse_process(doc: Any, *, where: str = "process") -> ProcessSpec:
+def parse_process(doc: Any, *, where: str = "process", root_only: bool = True) -> ProcessSpec:
+    """``root_only``: the container's own process (kestrel spawns its workload as
+    root); an exec session may be any uid/gid."""
     if not isinstance(doc, dict):
         raise SpecError(f"{where}: missing or not an object")
     args = doc.get("args")
@@ -59,10 +63,13 @@ def parse_process(doc: Any, *, where: str = "process") -> ProcessSpec:
         raise SpecError(f"{where}.cwd: {cwd!r} is not an absolute path")
     user = doc.get("user") or {}
     uid, gid = user.get("uid", 0), user.get("gid", 0)
-    if uid != 0 or gid != 0 or set(user.get("additionalGids") or []) - {0}:
+    if not isinstance(uid, int) or not isinstance(gid, int) or uid < 0 or gid < 0:
+        raise SpecError(f"{where}.user: uid {uid!r} gid {gid!r} are not ids")
+    if root_only and (uid != 0 or gid != 0 or set(user.get("additionalGids") or []) - {0}):
         raise SpecError(f"{where}.user: uid {uid} gid {gid}: kestrel runs the workload as root "
                         "only (the VM is the isolation boundary)")
-    return ProcessSpec(args=tuple(args), env=env, cwd=cwd, terminal=bool(doc.get("terminal")))
+    return ProcessSpec(args=tuple(args), env=env, cwd=cwd, terminal=bool(doc.get("terminal")),
+                       uid=uid, gid=gid)
 
 
 def parse_config(doc: Any) -> ContainerSpec:

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from host.adopt import reconcile
 from host.containerd import events, ttrpc
 from host.containerd.config import RECORD, ShimConfig, vm_name
+from host.containerd.process import Exec, Process
 from host.containerd.proto import events_task_pb2 as ev
 from host.containerd.proto import mount_pb2
 from host.containerd.proto import shim_pb2 as pb
@@ -32,56 +30,26 @@ from host.containerd.proto import types_task_pb2 as types
 from host.containerd.rootfs import (
     MountSpec,
     RootfsError,
-    build_image,
-    mount_all,
-    snapshot_key,
-    unmount_all,
 )
 from host.containerd.server import RpcError
 from host.containerd.spec import (
-    DEFAULT_PATH,
     ContainerSpec,
     SpecError,
-    find_in_rootfs,
     parse_config,
+    parse_process,
 )
 from host.containerd.stdio import Sink, StdioError, open_writer
+from host.containerd.vm import cleanup_vm, control, manifest_for, prepare_rootfs, reap
 from host.errors import VolarError
 from host.lifecycle import CONTROL_SOCKET, UP, launch_with_manifest
 from host.state import TERMINAL, Store
-from kestrel.manifest import ManifestError, load_manifest
+from kestrel.manifest import ManifestError
 
 SERVICE = "containerd.task.v2.Task"
 POLL_S = 0.05
 VERSION = "kestrel-shim 0.1"
 # kestrel's exit status for "the VM ended without reporting one".
 LOST_STATUS = 255
-
-
-def now_ts() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(time.time_ns())
-    return ts
-
-
-@dataclass
-class Process:
-    """What containerd tracks of a process: its stdio, pid, status and exit."""
-
-    stdin: str = ""
-    stdout: str = ""
-    stderr: str = ""
-    terminal: bool = False
-    pid: int = 0
-    status: int = types.CREATED
-    exit_status: int = 0
-    exited_at: timestamp_pb2.Timestamp = field(default_factory=timestamp_pb2.Timestamp)
-    exited: trio.Event = field(default_factory=trio.Event)
-
-    def finish(self, status: int) -> None:
-        self.exit_status, self.exited_at = status, now_ts()
-        self.status = types.STOPPED
-        self.exited.set()
 
 
 class TaskService:
@@ -93,6 +61,7 @@ class TaskService:
         self.vm = vm_name(namespace, container_id)
         self.store = Store(cfg.state_dir)
         self.init: Process | None = None
+        self.execs: dict[str, Exec] = {}
         self.spec: ContainerSpec | None = None
         self.image: Path | None = None
         self.cached = False
@@ -137,7 +106,9 @@ class TaskService:
 
     def _process(self, exec_id: str) -> Process:
         if exec_id:
-            raise RpcError(ttrpc.NOT_FOUND, f"exec {exec_id} of {self.id}: no such process")
+            if exec_id not in self.execs:
+                raise RpcError(ttrpc.NOT_FOUND, f"exec {exec_id} of {self.id}: no such process")
+            return self.execs[exec_id]
         if self.init is None:
             raise RpcError(ttrpc.NOT_FOUND, f"task {self.id}: not created")
         return self.init
@@ -158,7 +129,9 @@ class TaskService:
                            "process is not supported (use `ctr task exec -t`)")
         mounts = [MountSpec(m.type, m.source, tuple(m.options)) for m in req.rootfs]
         try:
-            self.image, self.cached = await self._rootfs(spec, mounts)
+            self.image, self.cached = await prepare_rootfs(
+                bundle=self.bundle, images=self.cfg.images, vm=self.vm, spec=spec,
+                mounts=mounts, say=self.say)
         except (RootfsError, SpecError, OSError) as exc:
             raise RpcError(ttrpc.FAILED_PRECONDITION, f"kestrel: {exc}") from None
         self.spec = spec
@@ -174,47 +147,16 @@ class TaskService:
             checkpoint=req.checkpoint, pid=0))
         return pb.CreateTaskResponse(pid=0)
 
-    async def _rootfs(self, spec: ContainerSpec, mounts: list[MountSpec]) -> tuple[Path, bool]:
-        """Mount, check the program is there, image it (or find it cached), unmount."""
-        root = self.bundle / "rootfs"
-        key = snapshot_key(mounts)
-        image = (self.cfg.images / f"{key}.ext4") if key else (
-            self.cfg.images / f"container-{self.vm}.ext4")
-        await mount_all(mounts, root)
-        try:
-            argv0 = spec.process.args[0]
-            path_env = spec.process.env.get("PATH", DEFAULT_PATH)
-            if find_in_rootfs(root, argv0, path_env) is None:
-                raise SpecError(f"process.args[0] {argv0!r}: no such executable in the "
-                                f"container's rootfs (PATH {path_env})")
-            if not image.exists():
-                self.say(f"building rootfs image {image.name}")
-                await build_image(root, image)
-        finally:
-            with trio.CancelScope(shield=True):
-                await unmount_all(root, len(mounts))
-        return image, key is not None
-
-    def _manifest(self, spec: ContainerSpec) -> str:
-        doc = {
-            "name": "containerd", "version": "0.1.0", "runtime": "containerd",
-            "initramfs": {"url": str(self.cfg.initramfs)},
-            "rootfs": {"url": str(self.image), "format": "ext4"},
-            "workload": {"type": "exec", "entrypoint": list(spec.process.args),
-                         "env": spec.process.env, "workdir": spec.process.cwd},
-        }
-        text = json.dumps(doc, separators=(",", ":"))
-        load_manifest(text)  # the guest must accept what it is given
-        return text
-
     async def start(self, req: pb.StartRequest) -> pb.StartResponse:
         proc = self._process(req.exec_id)
         if proc.status != types.CREATED:
             raise RpcError(ttrpc.FAILED_PRECONDITION, f"task {self.id} was already started")
+        if isinstance(proc, Exec):
+            return await self._start_exec(req.exec_id, proc)
         assert self.spec is not None and self.image is not None and self.nursery is not None
         spec = self.spec
         try:
-            manifest = self._manifest(spec)
+            manifest = manifest_for(spec, initramfs=self.cfg.initramfs, image=self.image)
             out = Sink(await open_writer(proc.stdout))
             err = Sink(await open_writer(proc.stderr))
             monitor = launch_with_manifest(
@@ -226,7 +168,7 @@ class TaskService:
                 boot_timeout=self.cfg.boot_timeout)
         except (ManifestError, StdioError, VolarError, OSError) as exc:
             raise RpcError(ttrpc.FAILED_PRECONDITION, f"kestrel: {exc}") from None
-        self.nursery.start_soon(_reap, monitor)
+        self.nursery.start_soon(reap, monitor)
         self.nursery.start_soon(out.run)
         self.nursery.start_soon(err.run)
         booted = trio.Event()
@@ -285,32 +227,22 @@ class TaskService:
 
     # --- signals, waits, state --------------------------------------------------
 
-    async def _control(self, line: str) -> str:
-        path = Path(self.store.vm(self.vm).run_dir) / CONTROL_SOCKET
-        try:
-            stream = await trio.open_unix_socket(str(path))
-        except OSError as exc:
-            return f"error {exc.strerror}"
-        async with stream:
-            await stream.send_all(line.encode() + b"\n")
-            reply = b""
-            while chunk := await stream.receive_some(256):
-                reply += chunk
-                if b"\n" in reply:
-                    break
-        return reply.decode(errors="replace").strip()
-
     async def kill(self, req: pb.KillRequest) -> empty_pb2.Empty:
         proc = self._process(req.exec_id)
         if proc.exited.is_set():
             raise RpcError(ttrpc.NOT_FOUND, f"task {self.id}: process already finished")
+        if isinstance(proc, Exec):
+            if proc.session is None:
+                raise RpcError(ttrpc.FAILED_PRECONDITION, f"exec {req.exec_id} is not running")
+            await proc.session.signal(req.signal)
+            return empty_pb2.Empty()
         if proc.status == types.CREATED:
             proc.finish(128 + req.signal)  # never started: it ends here, as runc's would
             self.events.publish(events.TASK_EXIT, ev.TaskExit(
                 container_id=self.id, id=self.id, pid=0, exit_status=proc.exit_status,
                 exited_at=proc.exited_at))
             return empty_pb2.Empty()
-        reply = await self._control(f"signal {req.signal}")
+        reply = await control(Path(self.store.vm(self.vm).run_dir), f"signal {req.signal}")
         if reply != "ok":
             if proc.exited.is_set():
                 raise RpcError(ttrpc.NOT_FOUND, f"task {self.id}: process already finished")
@@ -347,6 +279,10 @@ class TaskService:
         if proc.status in (types.RUNNING, types.PAUSED) and not proc.exited.is_set():
             raise RpcError(ttrpc.FAILED_PRECONDITION,
                            f"task {self.id} is still running; kill it first")
+        if req.exec_id:
+            del self.execs[req.exec_id]
+            return pb.DeleteResponse(pid=proc.pid, exit_status=proc.exit_status,
+                                     exited_at=proc.exited_at)
         await self.cleanup()
         self.events.publish(events.TASK_DELETE, ev.TaskDelete(
             container_id=self.id, pid=proc.pid, exit_status=proc.exit_status,
@@ -404,38 +340,52 @@ class TaskService:
     async def stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
         raise RpcError(ttrpc.UNIMPLEMENTED, "kestrel: stats are not supported yet")
 
+    # --- exec: kestrel's exec sessions through the monitor ------------------------
+
     async def exec(self, req: pb.ExecProcessRequest) -> empty_pb2.Empty:
-        raise RpcError(ttrpc.UNIMPLEMENTED, "kestrel: exec is not supported yet")
+        init = self._process("")
+        if init.status != types.RUNNING or init.exited.is_set():
+            raise RpcError(ttrpc.FAILED_PRECONDITION, f"task {self.id} is not running")
+        if req.exec_id in self.execs:
+            raise RpcError(ttrpc.ALREADY_EXISTS, f"exec {req.exec_id} already exists")
+        try:
+            spec = parse_process(json.loads(req.spec.value), where="exec process",
+                                 root_only=False)
+        except ValueError as exc:  # SpecError, JSONDecodeError
+            raise RpcError(ttrpc.INVALID_ARGUMENT, f"kestrel: {exc}") from None
+        self.execs[req.exec_id] = Exec(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
+                                       terminal=req.terminal, spec=spec)
+        self.events.publish(events.TASK_EXEC_ADDED, ev.TaskExecAdded(
+            container_id=self.id, exec_id=req.exec_id))
+        return empty_pb2.Empty()
+
+    async def _start_exec(self, exec_id: str, proc: Exec) -> pb.StartResponse:
+        assert self.nursery is not None
+        started = trio.Event()
+        self.nursery.start_soon(self._run_exec, exec_id, proc, started)
+        await started.wait()
+        if proc.error:
+            raise RpcError(ttrpc.FAILED_PRECONDITION, f"kestrel: exec {exec_id}: {proc.error}")
+        self.events.publish(events.TASK_EXEC_STARTED, ev.TaskExecStarted(
+            container_id=self.id, exec_id=exec_id, pid=proc.pid))
+        return pb.StartResponse(pid=proc.pid)
+
+    async def _run_exec(self, exec_id: str, proc: Exec, started: trio.Event) -> None:
+        await proc.run(Path(self.store.vm(self.vm).run_dir) / CONTROL_SOCKET, started, self.say)
+        self.events.publish(events.TASK_EXIT, ev.TaskExit(
+            container_id=self.id, id=exec_id, pid=proc.pid, exit_status=proc.exit_status,
+            exited_at=proc.exited_at))
 
     async def resize_pty(self, req: pb.ResizePtyRequest) -> empty_pb2.Empty:
-        self._process(req.exec_id)
+        proc = self._process(req.exec_id)
+        if isinstance(proc, Exec) and proc.session is not None and proc.terminal:
+            await proc.session.resize(req.height, req.width)
         return empty_pb2.Empty()  # the container's own process has no terminal
 
     async def close_io(self, req: pb.CloseIORequest) -> empty_pb2.Empty:
+        # An exec's stdin ends when containerd closes the FIFO (it does, then calls
+        # this); the container's own process reads /dev/null in the guest.
         self._process(req.exec_id)
-        return empty_pb2.Empty()  # its stdin is /dev/null in the guest already
+        return empty_pb2.Empty()
 
 
-async def _reap(monitor: subprocess.Popen[bytes]) -> None:
-    """The monitor is our child: wait for it, or it lingers as a zombie that
-    volar's lifecycle would take for a live monitor."""
-    await trio.to_thread.run_sync(monitor.wait, abandon_on_cancel=True)
-
-
-def cleanup_vm(state_dir: Path, name: str, image: Path | None) -> None:
-    """Stop and forget the VM; remove an image that was this container's alone.
-    Blocking (volar's lifecycle polls): the daemon runs it in a thread, the delete
-    subcommand directly."""
-    from host.errors import NotFound
-    from host.lifecycle import delete
-
-    store = Store(state_dir)
-    try:
-        reconcile(store, [name])  # a dead monitor's VM: settled, its VMM killed
-        delete(store, name)
-    except NotFound:
-        pass
-    finally:
-        store.close()
-    if image is not None:
-        image.unlink(missing_ok=True)
