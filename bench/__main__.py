@@ -148,6 +148,13 @@ def p7(runs: int) -> list[Figure]:
     return [restore, snap]
 
 
+def containerd(runs: int) -> list[Figure]:
+    """containerd-run / containerd-overhead: the shim against volar directly (bench.containerd)."""
+    from bench import containerd as ctrd
+
+    return ctrd.measure(max(1, runs // 3))
+
+
 def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB, VmHWM polled until exit) of one child process.
 
@@ -215,11 +222,12 @@ def volar_list(runs: int) -> list[Figure]:
 # P7-snapshot, a containerd row) is one more entry; its rows carry their own ids.
 FIGURES: dict[str, Callable[[int], list[Figure]]] = {
     "P1": p1, "P2": p2, "P3": p3_p5, "P4": p4, "P6": p6, "P6vm": p6_vm, "P1guest": p1_guest,
-    "volar": volar_list, "P7": p7,
+    "volar": volar_list, "P7": p7, "containerd": containerd,
 }
 # Row ids that another runner produces (for --only).
 ALIASES = {"P2-flood": "P2", "P3-zstd": "P3", "P5": "P3", "P4-health": "P4",
            "P6-lost": "P6", "P6-codec": "P6", "P7-restore": "P7", "P7-snapshot": "P7",
+           "containerd-run": "containerd", "containerd-overhead": "containerd",
            "P6-vsock": "P6vm", "P6-serial": "P6vm", "P6-vm-lost": "P6vm"}
 
 
