@@ -208,7 +208,6 @@ def _restorable(store: Store, directory: Path, *, plugin: str, vmm: str | None,
                 kernel: str | None, network: str | None) -> SnapshotMeta:
     """The snapshot at ``directory``, checked against this host; SnapshotError if not."""
     from host import snapshot
-    from kestrel.digest import sha256_file
 
     meta = snapshot.load(directory)
     if plugin and plugin != meta.plugin:
@@ -225,7 +224,7 @@ def _restorable(store: Store, directory: Path, *, plugin: str, vmm: str | None,
     kernel_path = resolve_kernel(store, kernel)
     binary = "qemu-system-x86_64" if meta.vmm == "qemu" else meta.vmm
     snapshot.check_restorable(meta, directory, plugin_sha256=plugin_sha,
-                              kernel_sha256=sha256_file(kernel_path),
+                              kernel_sha256=snapshot.kernel_digest(kernel_path, meta),
                               vmm_version=snapshot.vmm_version(binary))
     return meta
 

@@ -16,6 +16,7 @@ KESTREL_QEMU_MACHINE=q35 and KESTREL_QEMU_ACCEL=kvm override the defaults.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -182,8 +183,10 @@ class QemuDriver:
         return [*args, "-chardev", f"socket,id={VSOCK_CHARDEV},path={run / BACKEND_SOCKET}",
                 "-device", f"{device},chardev={VSOCK_CHARDEV},id={VSOCK_DEVICE}"]
 
-    def command(self, spec: LaunchSpec, *, incoming: bool = False) -> list[str]:
-        """QEMU's command line; ``incoming``: the same machine, waiting for a saved state."""
+    def command(self, spec: LaunchSpec, *, incoming_fd: int | None = None) -> list[str]:
+        """QEMU's command line; ``incoming_fd``: the same machine, loading a saved state
+        from that (inherited) file descriptor."""
+        incoming = incoming_fd is not None
         run = spec.run_dir
         # microvm keeps rtc on: without it the guest spends ~2 s more (measured under TCG).
         machine = "microvm,rtc=on,isa-serial=on" if self.machine == "microvm" else "q35"
@@ -233,15 +236,17 @@ class QemuDriver:
                 "-device", f"{self._dev('blk')},drive=disk{i}",
             ]
         if incoming:
-            cmd += ["-incoming", "defer"]  # QMP migrate-incoming names the file
+            # Read straight from the file: ~0.1 s faster for 170 MB than exec:cat's
+            # pipe (0.55 vs 0.65 s, measured here); QEMU 7.2 has no file: URI.
+            cmd += ["-incoming", f"fd:{incoming_fd}"]
         return cmd
 
     # --- lifecycle --------------------------------------------------------------
 
-    async def start(self, spec: LaunchSpec, *, incoming: bool = False) -> Running:
+    async def start(self, spec: LaunchSpec, *, incoming: Path | None = None) -> Running:
         """Tap, listener, backend, QEMU, QMP - in that order; on failure nothing is left.
 
-        ``incoming``: QEMU waits for a saved state (restore()) and has no vsock
+        ``incoming``: QEMU loads this saved state (restore()) and has no vsock
         device yet; the backend is already up for the one restore() plugs in.
         """
         prepare_launch(spec, binary=self.binary, install_hint="apt-get install qemu-system-x86")
@@ -265,11 +270,14 @@ class QemuDriver:
                 # QEMU talks vhost-user to the backend while creating the device.
                 helpers.append(await start_backend(backend, cid=self.guest_cid,
                                                    run_dir=spec.run_dir))
-            cmd = self.command(spec, incoming=incoming)
-            (spec.run_dir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
-            with open(spec.run_dir / "qemu.log", "wb") as qemu_log:
+            with contextlib.ExitStack() as files:
+                state = files.enter_context(open(incoming, "rb")) if incoming else None
+                cmd = self.command(spec, incoming_fd=state.fileno() if state else None)
+                (spec.run_dir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
+                qemu_log = files.enter_context(open(spec.run_dir / "qemu.log", "wb"))
                 process = await trio.lowlevel.open_process(
                     cmd, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT,
+                    pass_fds=(state.fileno(),) if state else (),
                     start_new_session=True,  # the VM outlives a monitor that dies
                 )
         except BaseException:

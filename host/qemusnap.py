@@ -7,7 +7,8 @@ then DEVICE_DELETED once the guest's ACPI hotplug let go: ~50 ms under TCG)
 and a new one on a fresh vhost-device-vsock joins the source and every copy
 after it; kestrel's connection resets and it reconnects. Only a PCIe root
 port unplugs cleanly (microvm's virtio-mmio has no hot-unplug), so
-snapshots need q35. QEMU 7.2 has no ``file:`` migration URI: ``exec:cat``.
+snapshots need q35. QEMU 7.2 has no ``file:`` migration URI: a snapshot
+is written through ``exec:cat`` and read from an inherited descriptor.
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ async def snapshot(driver: QemuDriver, spec: LaunchSpec, running: Running, state
 async def restore(driver: QemuDriver, spec: LaunchSpec, state: Path) -> Running:
     """A new QEMU that loads ``state``, then gets its own vsock backend and runs."""
     check(driver, spec.name)
-    running = await driver.start(spec, incoming=True)
+    running = await driver.start(spec, incoming=state)
     try:
         async with await driver._qmp(spec, running) as qmp:
-            await qmp.migrate_from(f"exec:cat {shlex.quote(str(state))}")
+            await qmp.wait_loaded()
             await plug_vsock(driver, qmp, spec, running, new_backend=False)
             await qmp.execute("cont")
     except BaseException as exc:

@@ -165,9 +165,12 @@ class QmpClient:
         await self.execute("migrate", {"uri": uri})
         return await self._migration()
 
-    async def migrate_from(self, uri: str) -> None:
-        """Load a machine started with ``-incoming defer`` from ``uri``; it stays paused."""
-        await self.execute("migrate-incoming", {"uri": uri})
+    async def wait_loaded(self) -> None:
+        """Wait until a machine started with ``-incoming`` has loaded its state.
+
+        It stays paused: the source was stopped before its state was saved.
+        A state QEMU cannot load ends QEMU itself (the caller reports its log).
+        """
         while await self.status() == "inmigrate":
             await trio.sleep(MIGRATE_POLL_S)
         status = await self.status()

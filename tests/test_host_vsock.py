@@ -135,8 +135,8 @@ def test_qemu_vsock_has_shared_memory_and_the_vhost_user_device(
 def test_qemu_restore_command_waits_for_the_state_and_has_no_vsock_yet(tmp_path: Path) -> None:
     """A restore loads the snapshot first, then plugs in its own vsock (migration refuses one)."""
     driver = QemuDriver(machine="q35", guest_cid=5)
-    cold, restore = driver.command(_spec(tmp_path)), driver.command(_spec(tmp_path), incoming=True)
-    assert restore[-2:] == ["-incoming", "defer"]
+    cold, restore = driver.command(_spec(tmp_path)), driver.command(_spec(tmp_path), incoming_fd=7)
+    assert restore[-2:] == ["-incoming", "fd:7"]  # the state file, inherited
     assert not any("vhost-user-vsock" in w or "id=vvsock" in w for w in restore)
     assert "pcie-root-port,id=vsockport,chassis=1" in restore  # where the vsock goes
     for option in ("-M", "-m", "-smp", "-append"):  # the same machine the state came from

@@ -14,7 +14,16 @@ from typing import Any
 
 import pytest
 
-from host.snapshot import SnapshotError, SnapshotMeta, check_restorable, load, save
+from host.snapshot import (
+    SnapshotError,
+    SnapshotMeta,
+    check_restorable,
+    kernel_digest,
+    load,
+    save,
+    stamp,
+)
+from kestrel.digest import sha256_file
 from kestrel.protocol import (
     Attach,
     FrameDecoder,
@@ -164,3 +173,14 @@ def test_missing_and_unreadable_snapshots_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "state").unlink()
     with pytest.raises(SnapshotError, match=r"its saved state .* is missing"):
         _check(tmp_path, meta)
+
+
+def test_the_kernel_is_rehashed_only_when_its_file_changed(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"kernel one")
+    meta = _meta(tmp_path, kernel=str(kernel), kernel_sha256=sha256_file(kernel),
+                 kernel_stamp=stamp(kernel))
+    assert kernel_digest(kernel, meta) == meta.kernel_sha256
+    kernel.write_bytes(b"kernel two, rebuilt")
+    with pytest.raises(SnapshotError, match="the kernel changed since the snapshot"):
+        _check(tmp_path, meta, kernel_sha256=kernel_digest(kernel, meta))

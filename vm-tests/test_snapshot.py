@@ -144,6 +144,7 @@ def test_two_restored_copies_serve_with_their_own_identity(volar: Volar,
                                                              snapshot: Path) -> None:
     # The source runs on after its snapshot, with a new vsock backend.
     assert EXPECTED in get(volar.show("snap-src")["address"])
+    assert EXPECTED in volar.ok("vms", "http", "snap-src", "/v1/")
     assert guest(volar, "snap-src", "hostname").strip() == "snap-src"
     for copy in ("copy-a", "copy-b"):
         said = volar.ok("vms", "create", copy, "--from-snapshot", str(snapshot))
@@ -151,6 +152,8 @@ def test_two_restored_copies_serve_with_their_own_identity(volar: Volar,
     infos = {copy: volar.wait(copy, "healthy") for copy in ("copy-a", "copy-b")}
     for copy, info in infos.items():
         assert EXPECTED in get(info["address"])
+        # The agent API's vsock listener inside works through the copy's new device.
+        assert EXPECTED in volar.ok("vms", "http", copy, "/v1/")
         assert guest(volar, copy, "hostname").strip() == copy
         # The clock stood still in the snapshot; kestrel stepped it to the host's.
         assert abs(int(guest(volar, copy, "date", "+%s")) - time.time()) < 5
