@@ -129,7 +129,7 @@ def p7(runs: int) -> list[Figure]:
     try:
         from bench import warm
 
-        r = warm.measure(max(1, runs // 5))
+        r = warm.measure(max(1, runs // 3))
     except Exception as exc:
         restore.na = snap.na = f"bench.warm.measure: {type(exc).__name__}: {exc}"
         return [restore, snap]

@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from host.errors import VolarError
-from host.rows import Plugin, Vm
-from host.vmm import LaunchSpec, Running, SnapshotDriver, VmmDriver
 from kestrel.digest import sha256_file
+
+if TYPE_CHECKING:
+    from host.rows import Plugin, Vm
+    from host.vmm import LaunchSpec, Running, VmmDriver
 
 FORMAT = 1
 META = "snapshot.json"
@@ -166,6 +166,12 @@ async def take(driver: VmmDriver, spec: LaunchSpec, running: Running, *, directo
     ``last_seq`` is read while the guest is paused: the copy's host starts
     from what the source's host held at that moment.
     """
+    # Here, not at the top: `volar vms create --from-snapshot` reads this
+    # module too, and trio is a tenth of a second of every restore.
+    import trio
+
+    from host.vmm import SnapshotDriver
+
     if not isinstance(driver, SnapshotDriver):
         raise SnapshotError(f"{driver.name} cannot take snapshots")
     driver.check_snapshot(spec.name)
@@ -203,6 +209,8 @@ async def take(driver: VmmDriver, spec: LaunchSpec, running: Running, *, directo
 
 async def restore(driver: VmmDriver, spec: LaunchSpec, directory: Path) -> Running:
     """Start a VMM from the snapshot (volar checked it against this host at create)."""
+    from host.vmm import SnapshotDriver
+
     if not isinstance(driver, SnapshotDriver):
         raise SnapshotError(f"{driver.name} cannot restore snapshots")
     meta = load(directory)
