@@ -43,11 +43,17 @@ class Volar:
         done = subprocess.run([sys.executable, "-m", "host.cli", *args], cwd=REPO,
                               env={**os.environ, "VOLAR_STATE_DIR": str(self.state)},
                               capture_output=True, text=True, timeout=timeout, check=False)
-        print(f"  -> {done.returncode} {done.stdout[-600:]!r} {done.stderr[-600:]!r}", flush=True)
+        keep = 6000 if args[:2] in (("vms", "console"), ("vms", "show")) else 600
+        print(f"  -> {done.returncode} {done.stdout[-keep:]!r} {done.stderr[-600:]!r}",
+              flush=True)
         return done
 
     def ok(self, *args: str) -> str:
         done = self.run(*args)
+        if done.returncode != 0 and args[:2] == ("vms", "create"):
+            # What the guest said, before the fixture deletes the VM and its run directory.
+            self.run("vms", "console", args[2], "--log")
+            self.run("vms", "show", args[2])
         assert done.returncode == 0, done.stderr
         return done.stdout
 
