@@ -261,3 +261,18 @@ def test_a_shim_killed_with_sigkill_takes_its_vm_with_it(ctrd: Containerd,
     _until(lambda: _task_status(ctrd, "c1") in ("", "STOPPED"), "c1 no longer running")
     ctrd.ctr("task", "rm", "c1", check=False, quiet=True)
     ctrd.ctr("container", "rm", "c1")
+
+
+def test_the_rootfs_image_is_built_once_and_limits_size_the_vm(ctrd: Containerd,
+                                                              shim_root: Path) -> None:
+    images = shim_root / "shim" / "images"
+    ctrd.ctr(*RUN, "--rm", IMAGE, "c1", "true")
+    (cached,) = images.glob("*.ext4")
+    built = cached.stat().st_mtime_ns
+    done = ctrd.ctr(*RUN, "--rm", "--memory-limit", str(300 << 20), IMAGE, "c1",
+                    "sh", "-c", "cat /proc/meminfo")
+    assert [p.name for p in images.glob("*.ext4")] == [cached.name]
+    assert cached.stat().st_mtime_ns == built  # the second start did not rebuild it
+    total_kb = int(next(line.split()[1] for line in done.stdout.splitlines()
+                        if line.startswith("MemTotal:")))
+    assert 256 << 10 < total_kb <= 300 << 10, done.stdout  # the limit, not the 256 MB default
