@@ -65,7 +65,9 @@ def ctrd(containerd: Containerd, shim_root: Path) -> Iterator[Containerd]:
     if tasks or containers:
         leftovers.append(f"tasks {tasks}, containers {containers}")
     deadline = time.monotonic() + 30
-    while (procs := processes_mentioning(str(shim_root / "shim"))) and (
+    # QEMU and monitors name the shims' state dir; shim daemons, containerd's socket.
+    while (procs := processes_mentioning(str(shim_root / "shim"))
+           + processes_mentioning(f"-address {containerd.socket}")) and (
             time.monotonic() < deadline):
         time.sleep(0.2)
     if procs:
