@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from host.ipam import GATEWAY, SUBNET
-from host.qemu import QEMU_USER_IP
+from host.qemucmd import QEMU_USER_IP
 from host.rows import Vm
 from host.vmm import (
     AdoptedProcess,

@@ -21,7 +21,8 @@ from pathlib import Path
 import trio
 
 # Imported by QemuDriver's snapshot methods, after host.qemu itself has loaded.
-from host.qemu import VSOCK_CHARDEV, VSOCK_DEVICE, VSOCK_PORT_ID, QemuDriver
+from host.qemu import QemuDriver
+from host.qemucmd import VSOCK_CHARDEV, VSOCK_DEVICE, VSOCK_PORT_ID
 from host.qmp import QmpClient, QmpError
 from host.vmm import LaunchSpec, Running, VmmError
 from host.vsock import BACKEND_BINARY, BACKEND_SOCKET, require_backend, start_backend
