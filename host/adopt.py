@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from host.errors import VolarError
-from host.lifecycle import CONTROL_SOCKET, MONITOR_LOG, spawn_monitor
+from host.lifecycle import MONITOR_LOG, spawn_monitor
 from host.state import LIVE, TERMINAL, Store, proc_start_time, process_alive
+from host.vmcontrol import CONTROL_SOCKET
 
 # A VM in one of these has a VMM to take over; "pending" has none yet.
 ADOPTABLE = ("starting", "running", "healthy", "unhealthy", "stopping")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from host import lifecycle
+from host import lifecycle, vmcontrol
 from host.adopt import reconcile, recover
 from host.clifmt import duration, print_json, table, when
 from host.errors import VolarError
@@ -179,7 +179,7 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
             from_snapshot=args.from_snapshot,
         )
     elif a == "snapshot":
-        where, size, seconds = lifecycle.take_snapshot(store, args.name, out=args.out)
+        where, size, seconds = vmcontrol.take_snapshot(store, args.name, out=args.out)
         args.output.step(f"Snapshot of {args.name} in {where}: {size / 1e6:.1f} MB, "
                          f"{seconds:.2f} s paused (the VM runs on)")
     elif a == "list":
@@ -211,10 +211,10 @@ def cmd_vms(store: Store, args: argparse.Namespace) -> int:
 
         return (execcli.cmd_exec if a == "exec" else execcli.cmd_shell)(store, args)
     elif a == "stop":
-        vm = lifecycle.stop(store, args.name, grace=args.grace)
+        vm = vmcontrol.stop(store, args.name, grace=args.grace)
         args.output.step(f"VM {vm.name} {vm.status}" + (f": {vm.detail}" if vm.detail else ""))
     elif a == "delete":
-        lifecycle.delete(store, args.name)
+        vmcontrol.delete(store, args.name)
         args.output.step(f"VM {args.name} deleted")
     elif a == "recover":
         args.output.step(recover(store, args.name))

@@ -22,8 +22,8 @@ from pathlib import Path
 import trio
 
 from host.execclient import ExecError, ExecSession, ExecStatus, open_exec
-from host.lifecycle import CONTROL_SOCKET
 from host.state import Store
+from host.vmcontrol import CONTROL_SOCKET
 
 RUNNING = ("running", "healthy", "unhealthy")
 # Signals that end volar; the terminal is restored and the session hung up first.

@@ -32,9 +32,10 @@ from host.launch import (
     make_driver,
     own_vm,
 )
-from host.lifecycle import CONTROL_SOCKET, MONITOR_LOCK
+from host.lifecycle import MONITOR_LOCK
 from host.serialconsole import SerialConsole
 from host.state import Store, proc_start_time
+from host.vmcontrol import CONTROL_SOCKET
 from host.vmm import (
     Helper,
     LaunchSpec,

@@ -41,8 +41,9 @@ from host.containerd.spec import (
 from host.containerd.stdio import Sink, StdioError, open_writer
 from host.containerd.vm import cleanup_vm, control, manifest_for, prepare_rootfs, reap
 from host.errors import VolarError
-from host.lifecycle import CONTROL_SOCKET, UP, launch_with_manifest
+from host.lifecycle import launch_with_manifest
 from host.state import TERMINAL, Store
+from host.vmcontrol import CONTROL_SOCKET, UP
 from kestrel.manifest import ManifestError
 
 SERVICE = "containerd.task.v2.Task"

@@ -16,8 +16,8 @@ import trio
 from host.adopt import reconcile
 from host.containerd.rootfs import MountSpec, build_image, mount_all, snapshot_key, unmount_all
 from host.containerd.spec import DEFAULT_PATH, ContainerSpec, SpecError, find_in_rootfs
-from host.lifecycle import CONTROL_SOCKET
 from host.state import Store
+from host.vmcontrol import CONTROL_SOCKET
 from kestrel.manifest import load_manifest
 
 
@@ -85,7 +85,7 @@ def cleanup_vm(state_dir: Path, name: str, image: Path | None) -> None:
     Blocking (volar's lifecycle polls): the daemon runs it in a thread, the delete
     subcommand directly."""
     from host.errors import NotFound
-    from host.lifecycle import delete
+    from host.vmcontrol import delete
 
     store = Store(state_dir)
     try:
