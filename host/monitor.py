@@ -33,6 +33,7 @@ from host.launch import (
     own_vm,
 )
 from host.lifecycle import MONITOR_LOCK
+from host.outcome import final_status
 from host.serialconsole import SerialConsole
 from host.state import Store, proc_start_time
 from host.vmcontrol import CONTROL_SOCKET
@@ -382,34 +383,13 @@ class Monitor:
     # --- the end ------------------------------------------------------------
 
     def _finish(self) -> None:
-        link, code = self.link, self.exit_code
         (self.run_dir / CONTROL_SOCKET).unlink(missing_ok=True)
-        clean_poweroff = code in (0, None) and (link.poweroff or link.exit_seen)
-        if self.helper_failed and not self.stop_requested and not clean_poweroff:
-            status, detail = "crashed", self.helper_failed
-        elif link.fatal:
-            status, detail = "failed", f"kestrel: {link.fatal}"
-        elif self.stop_forced and not self.stop_requested:
-            status, detail = "failed", self.stop_forced
-        elif self.stop_requested:
-            status = "stopped"
-            detail = f"stopped on request ({self.stop_forced})" if self.stop_forced else (
-                "stopped on request")
-        elif clean_poweroff:
-            status, detail = "stopped", "guest powered off"
-        elif code in (0, None) and self.agent == "none" and self.running is not None and (
-                "Kernel panic" not in console_tail(self.running.console_log)):
-            status, detail = "stopped", "guest powered off (agent: none)"
-        else:
-            status = "crashed"
-            how = (f"with code {code}" if code is not None
-                   else "(adopted, so its exit status is unknown)")
-            detail = f"VMM exited {how} without a power-off report from kestrel"
-        if status in ("failed", "crashed") and self.running is not None and (
-                detail != self.helper_failed):
-            tail = console_tail(self.running.console_log, lines=8)
-            if tail and not link.fatal:
-                detail += "; console tail:\n" + tail
+        link = self.link
+        status, detail = final_status(
+            code=self.exit_code, poweroff=link.poweroff, exit_seen=link.exit_seen,
+            fatal=link.fatal, helper_failed=self.helper_failed,
+            stop_requested=self.stop_requested, stop_forced=self.stop_forced, agent=self.agent,
+            console_log=self.running.console_log if self.running is not None else None)
         self.store.set_status(self.name, status, detail, vmm_pid=0, backend_pid=0)
 
 
