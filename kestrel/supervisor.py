@@ -26,6 +26,8 @@ from kestrel.spawn import Child, SpawnError, oom_kills, spawn
 LOG_DRAIN_S = 2.0  # a grandchild holding the pipe must not hold the exit report
 CONSOLE_MIRROR_BYTES = 64 * 1024  # the serial console is slow: mirror a bounded amount
 F_SETPIPE_SZ = 1031  # <linux/fcntl.h> F_LINUX_SPECIFIC_BASE + 7
+# A bound on reading a pipe that a grandchild keeps filling: 4x the 1 MiB pipe.
+PIPE_REST_READS = 4 * (1 << 20) // MAX_LOG_CHUNK
 
 
 class Decision(Record):
@@ -139,13 +141,40 @@ class Supervisor:
         except OSError:
             pass
         async with trio.lowlevel.FdStream(fd) as pipe:
-            while True:
-                data = await pipe.receive_some(MAX_LOG_CHUNK)
-                if not data:
-                    return
-                self.outbox.emit(Log(stream=stream, data=data))
-                self._mirror(stream, data)
-                await self.outbox.backpressure()  # a slow host slows the workload's logs
+            try:
+                while True:
+                    data = await pipe.receive_some(MAX_LOG_CHUNK)
+                    if not data:
+                        return
+                    self._log(stream, data)
+                    await self.outbox.backpressure()  # a slow host slows the workload's logs
+            except trio.Cancelled:
+                # The drain deadline: what the workload wrote before it exited
+                # may still sit in the pipe (a slow host kept this pump in
+                # backpressure). Take it now; only output written after this
+                # point by a process still holding the pipe goes uncollected,
+                # and that is said.
+                self._take_rest(fd, stream)
+                raise
+
+    def _log(self, stream: str, data: bytes) -> None:
+        self.outbox.emit(Log(stream=stream, data=data))
+        self._mirror(stream, data)
+
+    def _take_rest(self, fd: int, stream: str) -> None:
+        """Read a pipe to empty without waiting (FdStream made it non-blocking)."""
+        for _ in range(PIPE_REST_READS):
+            try:
+                data = os.read(fd, MAX_LOG_CHUNK)
+            except BlockingIOError:
+                break  # empty, but a writer still holds it open
+            except OSError:
+                return
+            if not data:
+                return  # EOF: every byte was taken
+            self._log(stream, data)
+        console(f"workload {stream}: still held open by another process after the workload "
+                f"exited; its later output is not collected")
 
     async def _run_child(
         self, child: Child, workload: Workload, nursery: trio.Nursery
