@@ -4,7 +4,7 @@ Like podman's conmon, one detached process per VM owns the VMM process and
 the agent channel: it starts the VMM through a driver, speaks kestrel's
 protocol (attach, ack, stop), writes every record into the store and the
 VM's final status when the VMM exits. ``volar vms stop`` reaches it through
-a 0600 unix socket in the VM's run directory (or SIGTERM).
+a 0600 unix socket in the VM's run directory, served by host/monitorctl.py (or SIGTERM).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import trio
 
 from host import snapshot
 from host.agentlink import AgentLink
-from host.errors import VolarError
-from host.exechub import read_line
 from host.launch import (
     AdoptionFailed,
     adopt_vmm,
@@ -33,6 +31,7 @@ from host.launch import (
     own_vm,
 )
 from host.lifecycle import MONITOR_LOCK
+from host.monitorctl import serve_control
 from host.outcome import final_status
 from host.serialconsole import SerialConsole
 from host.state import Store, proc_start_time
@@ -46,9 +45,7 @@ from host.vmm import (
     VmmError,
     terminate,
 )
-from host.vsock import private_listener
 from kestrel.cmdline import CmdlineError
-from kestrel.protocol import Signal
 
 # Time on top of the guest's own grace for kestrel to power off and the VMM
 # to exit (TCG guests are slow to sync and power down).
@@ -166,7 +163,7 @@ class Monitor:
                     nursery.start_soon(self._boot_deadline)
                 elif self.adopting:
                     nursery.start_soon(self._reconnect_watch)
-            nursery.start_soon(self._serve_control, nursery)
+            nursery.start_soon(serve_control, self)
             nursery.start_soon(self._signals, nursery)
             if self.adopting and self.vm.status == "stopping":
                 # The stop the dead monitor was carrying out goes on.
@@ -314,66 +311,6 @@ class Monitor:
                 await terminate(self.running.process, grace=5.0, what=self.driver.name)
             except VmmError as exc:
                 print(f"monitor: {exc}", flush=True)
-
-    async def _serve_control(self, nursery: trio.Nursery) -> None:
-        # Ten concurrent execs must not find the backlog full.
-        listener = await private_listener(self.run_dir / CONTROL_SOCKET, backlog=64)
-        await trio.serve_listeners(self._control_client, [listener])
-
-    async def _control_client(self, stream: trio.abc.Stream) -> None:
-        """Line protocol: ``stop <grace>`` -> ``ok`` when the VMM is gone; ``signal <n>``
-        -> ``ok`` once sent to the workload; ``exec`` then exec frames (host.exechub)."""
-        async with stream:
-            line, rest = await read_line(stream)
-            words = line.split()
-            if words == ["exec"]:
-                await self.link.exec.serve_client(stream, rest)
-            elif words[:1] == ["stop"]:
-                try:
-                    grace = float(words[1]) if len(words) > 1 else self.vm.stop_grace
-                except ValueError:
-                    await stream.send_all(b"error bad grace\n")
-                    return
-                await self.stop(grace)
-                await self.exited.wait()
-                await stream.send_all(b"ok\n")
-            elif words[:1] == ["signal"] and len(words) == 2 and words[1].isdigit():
-                # The containerd shim's Kill: to the workload, through kestrel.
-                sent = await self.link.loop.command(Signal(signum=int(words[1])))
-                await stream.send_all(b"ok\n" if sent else b"error kestrel is not attached\n")
-            elif words[:1] == ["ping"]:
-                await stream.send_all(b"ok\n")
-            elif words[:1] == ["snapshot"] and len(words) >= 2:
-                await stream.send_all(await self._snapshot(Path(line.split(" ", 1)[1].strip())))
-            else:
-                await stream.send_all(b"error unknown command\n")
-
-    async def _snapshot(self, directory: Path) -> bytes:
-        """``ok <bytes> <seconds>``, or ``error <one line>``; the VM runs on either way."""
-        assert self.driver is not None and self.spec is not None and self.running is not None
-        if self.plugin is None:
-            return (f"error VM {self.name} carries its own manifest (a containerd "
-                    "container): only a plugin's VM can be snapshotted\n").encode()
-        async with self.snapshot_lock:
-            status = self.store.vm(self.name).status
-            if status not in ("running", "healthy") or self.stop_requested:
-                return (f"error VM {self.name} is {status}: only a running VM can be "
-                        "snapshotted\n").encode()
-            try:
-                meta, took = await snapshot.take(
-                    self.driver, self.spec, self.running, directory=directory,
-                    vm=self.store.vm(self.name), plugin=self.plugin,
-                    last_seq=lambda: self.link.session.last_seq)
-            except (VmmError, VolarError, OSError) as exc:
-                line = " ".join(str(exc).split())
-                self.store.add_event(self.name, "snapshot", "failed", line)
-                return f"error {line}\n".encode()
-            backend = self.running.helpers[0].process.pid if self.running.helpers else 0
-            self.store.update_vm(self.name, backend_pid=backend,
-                                 backend_start=proc_start_time(backend) if backend else 0)
-        self.store.add_event(self.name, "snapshot", str(directory),
-                             f"{meta.state_bytes} bytes in {took:.2f} s")
-        return f"ok {meta.state_bytes} {took:.3f}\n".encode()
 
     async def _signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
