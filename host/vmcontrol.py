@@ -1,7 +1,7 @@
 """Asking a VM's monitor, over the control socket in its run dir: stop, snapshot,
 and delete (a stop, then everything the VM held).
 
-The monitor (host/monitor.py) serves the socket; these are its CLI-side clients.
+The monitor serves the socket (host/monitorctl.py); these are its CLI-side clients.
 Like host/lifecycle.py, nothing here imports trio: ``volar vms stop`` starts quickly.
 """
 
@@ -18,7 +18,7 @@ from host.rows import Vm
 from host.state import LIVE, TERMINAL, Store, process_alive
 
 UP = ("running", "healthy", "unhealthy")
-CONTROL_SOCKET = "control.sock"  # in the VM's run dir; host/monitor.py serves it
+CONTROL_SOCKET = "control.sock"  # in the VM's run dir; host/monitorctl.py serves it
 POLL_S = 0.05
 
 

@@ -60,7 +60,7 @@ def manifest_for(spec: ContainerSpec, *, initramfs: Path, image: Path) -> str:
 
 
 async def control(run_dir: Path, line: str) -> str:
-    """One line to the VM's monitor (host/monitor.py's control socket); its answer."""
+    """One line to the VM's monitor (its control socket, host/monitorctl.py); its answer."""
     try:
         stream = await trio.open_unix_socket(str(run_dir / CONTROL_SOCKET))
     except OSError as exc:
