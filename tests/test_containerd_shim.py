@@ -36,13 +36,34 @@ def test_config_json_gives_the_process_and_limits() -> None:
     assert (spec.hostname, spec.memory_mb, spec.cpus) == ("box", 301, 2)
 
 
+def test_a_user_and_a_terminal_are_the_processs() -> None:
+    spec = parse_config(_config(user={"uid": 1000, "gid": 1000, "additionalGids": [1000]},
+                                terminal=True))
+    assert (spec.process.uid, spec.process.gid, spec.process.terminal) == (1000, 1000, True)
+
+
+def test_an_idle_vm_runs_kestrels_own_busybox_not_the_process() -> None:
+    import json
+
+    from host.containerd.vm import IDLE, manifest_for
+
+    spec = parse_config(_config())
+    doc = json.loads(manifest_for(spec, initramfs=Path("/i.cpio"), image=Path("/r.ext4"),
+                                  idle=True))
+    assert doc["workload"]["entrypoint"] == list(IDLE)
+    doc = json.loads(manifest_for(spec, initramfs=Path("/i.cpio"), image=Path("/r.ext4")))
+    assert doc["workload"]["entrypoint"] == ["/bin/sh", "-c", "true"]
+
+
 def test_no_limits_leave_the_defaults() -> None:
     spec = parse_config(_config())
     assert (spec.memory_mb, spec.cpus) == (None, None)
 
 
 @pytest.mark.parametrize(("process", "linux", "named"), [
-    ({"user": {"uid": 1000, "gid": 1000}}, {}, "process.user: uid 1000"),
+    ({"user": {"uid": 1000, "gid": 1000, "additionalGids": [1000, 27]}}, {},
+     "process.user.additionalGids"),
+    ({"user": {"uid": -1}}, {}, "process.user: uid -1"),
     ({"args": []}, {}, "process.args"),
     ({"cwd": "relative"}, {}, "process.cwd"),
     ({"env": ["NOEQUALS"]}, {}, "process.env"),

@@ -67,15 +67,17 @@ def _layer(busybox: Path) -> bytes:
     return raw.getvalue()
 
 
-def oci_archive(busybox: Path, out: Path) -> Path:
-    """An OCI image layout tarball: one gzip layer, a config, a manifest, an index."""
+def oci_archive(busybox: Path, out: Path, *, name: str = IMAGE, user: str = "") -> Path:
+    """An OCI image layout tarball: one gzip layer, a config, a manifest, an index.
+    ``user``: the image config's User ("uid:gid"), which containerd puts in
+    config.json's process.user."""
     blobs: dict[str, bytes] = {}
     layer_tar = _layer(busybox)
     layer = _blob(blobs, gzip.compress(layer_tar, mtime=0))
     config = _blob(blobs, json.dumps({
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                   "Cmd": ["/bin/sh"]},
+                   "Cmd": ["/bin/sh"], **({"User": user} if user else {})},
         "rootfs": {"type": "layers",
                    "diff_ids": ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]},
     }).encode())
@@ -86,7 +88,7 @@ def oci_archive(busybox: Path, out: Path) -> Path:
     }).encode())
     index = {"schemaVersion": 2, "manifests": [{
         "mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest,
-        "annotations": {"io.containerd.image.name": IMAGE,
+        "annotations": {"io.containerd.image.name": name,
                         "org.opencontainers.image.ref.name": "test"}}]}
     with tarfile.open(out, "w") as tar:
         files = {"oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),

@@ -19,6 +19,8 @@ from containerd_env import IMAGE, RUNTIME, Containerd, oci_archive, processes_me
 from host.kernel import KernelInfo
 
 RUN = ("run", "--runtime", RUNTIME)
+# The same busybox, with the image config's User set: ctr 1.6 has no --user.
+USER_IMAGE = "docker.io/kestrel/busybox-user:test"
 WAIT_S = 180
 
 
@@ -35,6 +37,8 @@ def shim_root(kestrel_image: Path, kernel: KernelInfo,
     (base / "shim.json").write_text(json.dumps({
         "initramfs": str(kestrel_image), "state_dir": str(base / "shim")}))
     oci_archive(Path("/bin/busybox"), base / "busybox-oci.tar")
+    oci_archive(Path("/bin/busybox"), base / "busybox-user-oci.tar", name=USER_IMAGE,
+                user="1000:1000")
     yield base
     shutil.rmtree(base, ignore_errors=True)
 
@@ -45,6 +49,7 @@ def containerd(shim_root: Path) -> Iterator[Containerd]:
     c.start()
     try:
         c.ctr("image", "import", str(shim_root / "busybox-oci.tar"))
+        c.ctr("image", "import", str(shim_root / "busybox-user-oci.tar"))
         yield c
     finally:
         c.stop()
@@ -149,12 +154,19 @@ def test_two_containers_run_at_once(ctrd: Containerd) -> None:
         assert outs[name][0] == f"up {name}\n"
 
 
-def _ctr_on_a_pty(c: Containerd, *args: str, timeout: float = WAIT_S) -> tuple[int, str]:
-    """ctr with a terminal of its own (ctr -t needs one): its status and what it printed."""
+def _ctr_on_a_pty(c: Containerd, *args: str, timeout: float = WAIT_S,
+                  size: tuple[int, int] | None = None) -> tuple[int, str]:
+    """ctr with a terminal of its own (ctr -t needs one), ``size`` rows x columns:
+    its status and what it printed."""
+    import fcntl
     import os
+    import struct
     import subprocess
+    import termios
 
     master, slave = os.openpty()
+    if size is not None:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
     cmd = ["ctr", "--address", str(c.socket), "--namespace", "kestrel-test", *args]
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
@@ -201,6 +213,39 @@ def test_exec_runs_beside_the_workload_with_stdin_status_and_a_terminal(
         _until(lambda: _task_status(ctrd, "c1") == "STOPPED", "c1 stopped")
         ctrd.ctr("task", "rm", "c1")
         ctrd.ctr("container", "rm", "c1")
+
+
+# --- the container's own process with stdin, a terminal, a user (an exec session) ----
+
+def test_stdin_reaches_the_containers_process(ctrd: Containerd) -> None:
+    done = ctrd.ctr(*RUN, "--rm", IMAGE, "c1", "sh", "-c", "cat; echo done",
+                    input=b"hi\nthere\n")
+    assert done.stdout == "hi\nthere\ndone\n", done.stderr
+
+
+def test_run_t_gives_the_process_a_terminal_of_ctrs_size(ctrd: Containerd) -> None:
+    # ctr sends its terminal's size (ResizePty) just after Start: wait for it to land.
+    script = ('for i in $(seq 300); do [ "$(stty size)" = "33 77" ] && break; sleep 0.1; done; '
+              "tty; stty size; exit 4")
+    status, out = _ctr_on_a_pty(ctrd, *RUN, "--rm", "-t", IMAGE, "c1", "sh", "-c", script,
+                                size=(33, 77))
+    assert status == 4, out
+    assert "/dev/pts/" in out and "33 77" in out, out
+
+
+def test_the_images_user_runs_the_process_and_kill_still_ends_it(ctrd: Containerd) -> None:
+    done = ctrd.ctr(*RUN, "--rm", USER_IMAGE, "c1", "sh", "-c", "id -u; id -g")
+    assert done.stdout == "1000\n1000\n", done.stderr
+    run = ctrd.ctr_popen(*RUN, "--rm", USER_IMAGE, "c2", "sleep", "1000")
+    try:
+        _until(lambda: _task_status(ctrd, "c2") == "RUNNING", "c2 running")
+        ctrd.ctr("task", "kill", "c2")
+        _out, err = run.communicate(timeout=WAIT_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 143, err
 
 
 # --- bad input and failures: one clear line, nothing left behind ---------------------

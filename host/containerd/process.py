@@ -43,10 +43,15 @@ class Process:
     exited_at: timestamp_pb2.Timestamp = field(default_factory=timestamp_pb2.Timestamp)
     exited: trio.Event = field(default_factory=trio.Event)
 
-    def finish(self, status: int) -> None:
+    def finish(self, status: int) -> bool:
+        """Record the exit once; False when it was already recorded (the VM's end
+        and the session's end can both report the container's process)."""
+        if self.exited.is_set():
+            return False
         self.exit_status, self.exited_at = status, now_ts()
         self.status = types.STOPPED
         self.exited.set()
+        return True
 
 
 @dataclass

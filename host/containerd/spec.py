@@ -2,8 +2,8 @@
 
 Parsed once, at Create: the process (args, env, cwd, user, terminal), the
 hostname and the limits that size the VM. What a VM cannot honour is
-refused here by name (a user other than root, joining a host namespace),
-so containerd shows the reason instead of a container that runs wrong.
+refused here by name (joining a host namespace), so containerd shows the
+reason instead of a container that runs wrong.
 """
 
 from __future__ import annotations
@@ -44,9 +44,7 @@ class ContainerSpec:
     cpus: int | None  # from linux.resources.cpu quota/period
 
 
-def parse_process(doc: Any, *, where: str = "process", root_only: bool = True) -> ProcessSpec:
-    """``root_only``: the container's own process (kestrel spawns its workload as
-    root); an exec session may be any uid/gid."""
+def parse_process(doc: Any, *, where: str = "process") -> ProcessSpec:
     if not isinstance(doc, dict):
         raise SpecError(f"{where}: missing or not an object")
     args = doc.get("args")
@@ -65,9 +63,10 @@ def parse_process(doc: Any, *, where: str = "process", root_only: bool = True) -
     uid, gid = user.get("uid", 0), user.get("gid", 0)
     if not isinstance(uid, int) or not isinstance(gid, int) or uid < 0 or gid < 0:
         raise SpecError(f"{where}.user: uid {uid!r} gid {gid!r} are not ids")
-    if root_only and (uid != 0 or gid != 0 or set(user.get("additionalGids") or []) - {0}):
-        raise SpecError(f"{where}.user: uid {uid} gid {gid}: kestrel runs the workload as root "
-                        "only (the VM is the isolation boundary)")
+    if set(user.get("additionalGids") or []) - {0, gid}:
+        # kestrel's exec sessions set one uid and one gid; more would run wrong.
+        raise SpecError(f"{where}.user.additionalGids: {user['additionalGids']}: "
+                        "supplementary groups are not supported")
     return ProcessSpec(args=tuple(args), env=env, cwd=cwd, terminal=bool(doc.get("terminal")),
                        uid=uid, gid=gid)
 

@@ -6,6 +6,12 @@ per-VM monitor, its VMM drivers) and relays the workload's log records to
 containerd's stdio; the exit kestrel reports ends Wait. Kill and Exec go
 through the monitor's control socket, so kestrel does the signalling and
 the exec sessions. Pause/Resume stop and continue the vCPUs over QMP.
+
+A container whose process needs a terminal, stdin or a non-root user runs
+it as a kestrel exec session instead (kestrel's workload spawn has none of
+these; its exec sessions have all, with resize, signals and exit status):
+the VM's workload is an idle placeholder, the session IS the container's
+process (its exit is Wait's, Kill signals it), and its end stops the VM.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ POLL_S = 0.05
 VERSION = "kestrel-shim 0.1"
 # kestrel's exit status for "the VM ended without reporting one".
 LOST_STATUS = 255
+# How long the VM's end waits for the session's own exit report (session mode).
+SESSION_GRACE_S = 5.0
 
 
 class TaskService:
@@ -66,6 +74,7 @@ class TaskService:
         self.spec: ContainerSpec | None = None
         self.image: Path | None = None
         self.cached = False
+        self.exit_published = False
         self.nursery: trio.Nursery | None = None  # set by run(): owns the watchers
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -124,10 +133,6 @@ class TaskService:
         except (OSError, ValueError) as exc:  # SpecError is a ValueError
             code = ttrpc.INVALID_ARGUMENT if isinstance(exc, SpecError) else ttrpc.NOT_FOUND
             raise RpcError(code, f"kestrel: {self.bundle / 'config.json'}: {exc}") from None
-        if req.terminal or spec.process.terminal:
-            raise RpcError(ttrpc.INVALID_ARGUMENT,
-                           "kestrel: process.terminal: a terminal for the container's own "
-                           "process is not supported (use `ctr task exec -t`)")
         mounts = [MountSpec(m.type, m.source, tuple(m.options)) for m in req.rootfs]
         try:
             self.image, self.cached = await prepare_rootfs(
@@ -136,7 +141,12 @@ class TaskService:
         except (RootfsError, SpecError, OSError) as exc:
             raise RpcError(ttrpc.FAILED_PRECONDITION, f"kestrel: {exc}") from None
         self.spec = spec
-        self.init = Process(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
+        terminal = req.terminal or spec.process.terminal
+        if terminal or req.stdin or spec.process.uid or spec.process.gid:
+            self.init = Exec(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
+                             terminal=terminal, spec=spec.process)
+        else:
+            self.init = Process(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
         (self.bundle / RECORD).write_text(json.dumps({
             "vm": self.vm, "state_dir": str(self.cfg.state_dir),
             "image": str(self.image), "cached": self.cached}))
@@ -152,14 +162,18 @@ class TaskService:
         proc = self._process(req.exec_id)
         if proc.status != types.CREATED:
             raise RpcError(ttrpc.FAILED_PRECONDITION, f"task {self.id} was already started")
-        if isinstance(proc, Exec):
+        if req.exec_id:
+            assert isinstance(proc, Exec)
             return await self._start_exec(req.exec_id, proc)
         assert self.spec is not None and self.image is not None and self.nursery is not None
         spec = self.spec
+        session = isinstance(proc, Exec)
         try:
-            manifest = manifest_for(spec, initramfs=self.cfg.initramfs, image=self.image)
-            out = Sink(await open_writer(proc.stdout))
-            err = Sink(await open_writer(proc.stderr))
+            manifest = manifest_for(spec, initramfs=self.cfg.initramfs, image=self.image,
+                                    idle=session)
+            # In session mode the session writes the stdio; the idle VM has no output.
+            out = Sink(None if session else await open_writer(proc.stdout))
+            err = Sink(None if session else await open_writer(proc.stderr))
             monitor = launch_with_manifest(
                 self.store, self.vm, manifest_json=manifest, initramfs=self.cfg.initramfs,
                 cpus=spec.cpus or self.cfg.cpus, memory_mb=spec.memory_mb or self.cfg.memory_mb,
@@ -175,7 +189,15 @@ class TaskService:
         booted = trio.Event()
         self.nursery.start_soon(self._watch, proc, out, err, booted)
         await booted.wait()
-        proc.pid = self.store.vm(self.vm).vmm_pid or monitor.pid
+        vmm_pid = self.store.vm(self.vm).vmm_pid or monitor.pid
+        if isinstance(proc, Exec) and self.store.vm(self.vm).status in UP:
+            started = trio.Event()
+            self.nursery.start_soon(self._run_init_session, proc, started)
+            await started.wait()
+            if proc.error:
+                await self._stop_idle()
+                raise RpcError(ttrpc.FAILED_PRECONDITION, f"kestrel: {self.id}: {proc.error}")
+        proc.pid = vmm_pid  # the task's pid is the VM's, session or not
         if not proc.exited.is_set():
             proc.status = types.RUNNING
         self.events.publish(events.TASK_START, ev.TaskStart(container_id=self.id, pid=proc.pid))
@@ -202,6 +224,16 @@ class TaskService:
                 break
             await trio.sleep(POLL_S)
         self._relay(seq, out, err)
+        if isinstance(proc, Exec):
+            # The idle workload's status is not the container's: the session's is.
+            with trio.move_on_after(SESSION_GRACE_S):
+                await proc.exited.wait()
+            booted.set()
+            if proc.finish(LOST_STATUS):
+                self.say(f"VM {self.vm} {vm.status} before its session reported an exit: "
+                         f"{vm.fatal or vm.detail or vm.status}")
+                self._publish_exit(proc)
+            return
         if vm.exit_json:
             status = int(json.loads(vm.exit_json)["status"])
         else:
@@ -215,9 +247,27 @@ class TaskService:
         await err.done.wait()
         proc.finish(status)
         booted.set()
-        self.events.publish(events.TASK_EXIT, ev.TaskExit(
-            container_id=self.id, id=self.id, pid=proc.pid, exit_status=status,
-            exited_at=proc.exited_at))
+        self._publish_exit(proc)
+
+    def _publish_exit(self, proc: Process) -> None:
+        if not self.exit_published:
+            self.exit_published = True
+            self.events.publish(events.TASK_EXIT, ev.TaskExit(
+                container_id=self.id, id=self.id, pid=proc.pid, exit_status=proc.exit_status,
+                exited_at=proc.exited_at))
+
+    async def _run_init_session(self, proc: Exec, started: trio.Event) -> None:
+        """The container's process as an exec session; its end ends the VM."""
+        await proc.run(Path(self.store.vm(self.vm).run_dir) / CONTROL_SOCKET, started, self.say)
+        proc.pid = self.store.vm(self.vm).vmm_pid or proc.pid
+        self._publish_exit(proc)
+        await self._stop_idle()
+
+    async def _stop_idle(self) -> None:
+        """End the idle workload, so kestrel powers the VM off (as a batch run's end does)."""
+        reply = await control(Path(self.store.vm(self.vm).run_dir), "signal 9")
+        if reply != "ok":
+            self.say(f"VM {self.vm}: stopping the idle workload: {reply}")
 
     def _relay(self, seq: int, out: Sink, err: Sink) -> int:
         """Log records after ``seq`` to stdout/stderr; the last seq relayed."""
@@ -232,7 +282,7 @@ class TaskService:
         proc = self._process(req.exec_id)
         if proc.exited.is_set():
             raise RpcError(ttrpc.NOT_FOUND, f"task {self.id}: process already finished")
-        if isinstance(proc, Exec):
+        if isinstance(proc, Exec) and (req.exec_id or proc.session is not None):
             if proc.session is None:
                 raise RpcError(ttrpc.FAILED_PRECONDITION, f"exec {req.exec_id} is not running")
             await proc.session.signal(req.signal)
@@ -350,8 +400,7 @@ class TaskService:
         if req.exec_id in self.execs:
             raise RpcError(ttrpc.ALREADY_EXISTS, f"exec {req.exec_id} already exists")
         try:
-            spec = parse_process(json.loads(req.spec.value), where="exec process",
-                                 root_only=False)
+            spec = parse_process(json.loads(req.spec.value), where="exec process")
         except ValueError as exc:  # SpecError, JSONDecodeError
             raise RpcError(ttrpc.INVALID_ARGUMENT, f"kestrel: {exc}") from None
         self.execs[req.exec_id] = Exec(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
@@ -381,11 +430,11 @@ class TaskService:
         proc = self._process(req.exec_id)
         if isinstance(proc, Exec) and proc.session is not None and proc.terminal:
             await proc.session.resize(req.height, req.width)
-        return empty_pb2.Empty()  # the container's own process has no terminal
+        return empty_pb2.Empty()  # no terminal: nothing to size
 
     async def close_io(self, req: pb.CloseIORequest) -> empty_pb2.Empty:
-        # An exec's stdin ends when containerd closes the FIFO (it does, then calls
-        # this); the container's own process reads /dev/null in the guest.
+        # A session's stdin ends when containerd closes the FIFO (it does, then calls
+        # this); a container's process without stdin reads /dev/null in the guest.
         self._process(req.exec_id)
         return empty_pb2.Empty()
 

@@ -45,13 +45,23 @@ async def prepare_rootfs(*, bundle: Path, images: Path, vm: str, spec: Container
     return image, key is not None
 
 
-def manifest_for(spec: ContainerSpec, *, initramfs: Path, image: Path) -> str:
-    """The VM's manifest: the container's process as kestrel's batch workload."""
+# An idle workload from kestrel's own initramfs (static busybox, kept reachable
+# under /run/kestrel/initramfs after the switch to the container's rootfs), so
+# a rootfs without a sleep of its own still works.
+IDLE = ("/run/kestrel/initramfs/bin/busybox", "sleep", "2147483647")
+
+
+def manifest_for(spec: ContainerSpec, *, initramfs: Path, image: Path,
+                 idle: bool = False) -> str:
+    """The VM's manifest: the container's process as kestrel's batch workload, or
+    (``idle``) a placeholder that keeps the VM up while the process runs as an
+    exec session."""
+    entrypoint = list(IDLE) if idle else list(spec.process.args)
     doc = {
         "name": "containerd", "version": "0.1.0", "runtime": "containerd",
         "initramfs": {"url": str(initramfs)},
         "rootfs": {"url": str(image), "format": "ext4"},
-        "workload": {"type": "exec", "entrypoint": list(spec.process.args),
+        "workload": {"type": "exec", "entrypoint": entrypoint,
                      "env": spec.process.env, "workdir": spec.process.cwd},
     }
     text = json.dumps(doc, separators=(",", ":"))
