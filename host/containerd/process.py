@@ -66,6 +66,9 @@ class Exec(Process):
         assert self.spec is not None
         spec = self.spec
         status = EXEC_FAILED
+        # The stdin relay ends with the session: ctr's copy from a terminal (or any
+        # stdin that never ends) keeps the FIFO open until ctr itself exits.
+        stdin_scope = trio.CancelScope()
         try:
             out = Sink(await open_writer(self.stdout))
             # With a terminal the pty is one stream: stdout (kestrel's exec frames).
@@ -83,7 +86,7 @@ class Exec(Process):
                         self.status = types.RUNNING
                         started.set()
                         if self.stdin:
-                            nursery.start_soon(self._stdin, session)
+                            nursery.start_soon(self._stdin, session, stdin_scope)
                         async for stream, data in session:
                             (err if stream == "stderr" else out).write(data)
                         result = await session.wait()
@@ -92,6 +95,7 @@ class Exec(Process):
                             err.write(f"kestrel: exec {spec.args[0]}: {result.message}\n"
                                       .encode())
                 finally:
+                    stdin_scope.cancel()
                     out.close()
                     err.close()
                     nursery.cancel_scope.deadline = trio.current_time() + 5
@@ -103,11 +107,12 @@ class Exec(Process):
             self.finish(status)
             started.set()
 
-    async def _stdin(self, session: ExecSession) -> None:
-        stream = await open_reader(self.stdin)
-        if stream is None:
-            return
-        async with stream:
-            while data := await stream.receive_some(STDIN_CHUNK):
-                await session.write(bytes(data))
-        await session.close_stdin()
+    async def _stdin(self, session: ExecSession, scope: trio.CancelScope) -> None:
+        with scope:
+            stream = await open_reader(self.stdin)
+            if stream is None:
+                return
+            async with stream:
+                while data := await stream.receive_some(STDIN_CHUNK):
+                    await session.write(bytes(data))
+            await session.close_stdin()
