@@ -27,6 +27,7 @@ from host.session import Collector, SessionLoop
 from host.vsock import private_listener
 from kestrel.cmdline import encode_manifest
 from kestrel.protocol import Exit, Health, HostSession, Log, Message, State
+from tests.vsockguard import GUARD
 
 REPO = Path(__file__).resolve().parent.parent
 # Outside /tmp and /run: kestrel mounts tmpfs over those inside its namespace.
@@ -199,8 +200,8 @@ def frozen_python() -> Path:
 
 def frozen_kestrel(prelude: str = "") -> list[str]:
     """argv that starts the frozen kestrel, as /bin/kestrel does in an image."""
-    code = "from kestrel.main import main; main()"
-    return [str(frozen_python()), "-IOO", "-c", f"{prelude}\n{code}" if prelude else code]
+    code = f"{GUARD}\n{prelude}\nfrom kestrel.main import main; main()"
+    return [str(frozen_python()), "-IOO", "-c", code]
 
 
 def _control_client(loop: SessionLoop) -> Callable[[trio.SocketStream], Awaitable[None]]:

@@ -87,3 +87,16 @@ def kestrel_image(kernel: KernelInfo, busybox: Path,
     (base / "www" / "index.html").write_text("hello from kestrel's workload\n")
     (base / "fledge.toml").write_text(GENERIC_TOML)
     return fledge_build(base / "fledge.toml", base / "image.cpio.gz")
+
+
+def _no_vsock_here() -> None:
+    """The test host's AF_VSOCK guard (tests/vsockguard.py), installed for vm-tests too."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.vsockguard import install
+
+    install()
+
+
+_no_vsock_here()
