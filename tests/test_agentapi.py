@@ -337,15 +337,13 @@ async def test_garbage_is_a_400_and_nothing_else() -> None:
 # --- the rule: AF_VSOCK only inside a VM ----------------------------------------------
 
 # An audit hook in the frozen kestrel's interpreter: every socket kestrel makes
-# is named on the console, and an AF_VSOCK one is refused before the socket(2)
-# call (CPython raises "socket.__new__" first), so even a broken rule opens none.
+# is named on the console. (tests/vsockguard.py's hook, which every PID 1 run
+# starts with, refuses an AF_VSOCK one before socket(2), so a broken rule opens none.)
 SOCKET_AUDIT = """
 import os, sys
 def _audit(event, args):
     if event == "socket.__new__":
         os.write(2, b"AUDIT socket family %d\\n" % args[1])
-        if args[1] == 40:  # AF_VSOCK, linux/socket.h
-            raise PermissionError("AF_VSOCK outside a VM")
 sys.addaudithook(_audit)
 """
 
@@ -364,6 +362,7 @@ async def test_outside_a_vm_the_agent_api_stays_off_and_no_vsock_socket_is_made(
                 if line.startswith("AUDIT socket family")}
     assert str(socket.AF_UNIX) in families  # the hook saw the unix channel being made
     assert str(socket.AF_VSOCK) not in families
+    assert "AF_VSOCK on the test host" not in run.console  # the guard's refusal, had it tried
     assert "agent API" not in run.console
 
 
